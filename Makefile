@@ -1,0 +1,32 @@
+# Two commands on a fresh machine; each sets up what it needs on first use.
+#   make demo   the main job on the bundled MovieLens data: replay into Kafka, ingest to Delta bronze
+#   make test   the whole test suite against a local stack (Kafka, Redis, MLflow on loopback)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON := .venv/bin/python
+
+.PHONY: help demo test unit stack-up stack-status stack-down bench-ingest
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+demo: ## replay MovieLens into Kafka and ingest it to Delta bronze (first use sets up everything)
+	scripts/demo
+
+test: ## run the whole test suite; starts the local stack if it is not running
+	scripts/test
+
+unit: ## unit tests only (no services, no Spark)
+	scripts/bootstrap && $(PYTHON) -m pytest -m "not integration and not spark" tests/unit
+
+stack-up: ## start Kafka, Redis and MLflow on loopback and create the topics
+	scripts/bootstrap && $(PYTHON) -m devstack up
+
+stack-status: ## show what runs where
+	$(PYTHON) -m devstack status
+
+stack-down: ## stop what stack-up started
+	$(PYTHON) -m devstack down
+
+bench-ingest: ## ingest throughput benchmark (about 5 minutes)
+	scripts/bootstrap && $(PYTHON) -m devstack up --only kafka && $(PYTHON) bench/ingest_throughput.py

@@ -1,0 +1,1 @@
+"""Helpers shared by the Spark jobs: session, checkpoints, Kafka offsets and metrics."""

@@ -1,0 +1,1 @@
+"""The scorer (Flask). It stands on reccore only and installs without pyspark."""
