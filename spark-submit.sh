@@ -7,8 +7,8 @@
 # the config environment, and runs the real spark-submit: pyspark's own in .venv locally, or the one
 # named by STREAMREC_SPARK_SUBMIT (on EMR: STREAMREC_SPARK_SUBMIT=spark-submit).
 #
-# SIGTERM or SIGINT (to this script or its process group) reaches the Python driver only, which
-# stops after the current micro-batch; the JVM ignores them so that it does not cut the batch short.
+# SIGTERM or SIGINT, sent to this script or to its process group, reaches only the Python driver,
+# which stops after the current micro-batch. The JVM ignores both, so it cannot cut the batch short.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,7 +58,7 @@ if [[ ! -f "$ROOT/conf/$ENV_NAME.yaml" ]]; then
   exit 2
 fi
 export STREAMREC_ENV="$ENV_NAME"
-# The driver imports the code from the --py-files zip, so it is told where the config and state live.
+# The driver imports the code from the --py-files zip, so these variables give it the config and state folders.
 export STREAMREC_CONF_DIR="${STREAMREC_CONF_DIR:-$ROOT/conf}"
 export STREAMREC_HOME="${STREAMREC_HOME:-$ROOT/.work}"
 
@@ -71,7 +71,7 @@ else
   SPARK_SUBMIT="$ROOT/.venv/bin/spark-submit"
   PY="$ROOT/.venv/bin/python"
 fi
-# Bind the driver to loopback unless told otherwise.
+# Bind the driver to loopback unless SPARK_LOCAL_IP names another address.
 export SPARK_LOCAL_IP="${SPARK_LOCAL_IP:-127.0.0.1}"
 export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$PY}"
 export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$PY}"

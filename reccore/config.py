@@ -84,7 +84,7 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class LakeConfig:
-    """Where Delta tables and streaming checkpoints live (a folder, s3a:// or s3://)."""
+    """Locations of the Delta tables and streaming checkpoints (a folder, s3a:// or s3://)."""
 
     root: str = ".work/lake"
     checkpoint_root: str = ".work/checkpoints"
@@ -109,7 +109,7 @@ class SparkConfig:
 
 @dataclass(frozen=True)
 class EventsConfig:
-    """What makes an interaction event valid; see reccore.events."""
+    """Validation rules of interaction events, applied by reccore.events."""
 
     event_types: list = field(default_factory=lambda: ["view", "click", "add_to_cart", "purchase", "rating"])
     # Inclusive [min, max] of ``value`` per event type; a type not listed takes no value.

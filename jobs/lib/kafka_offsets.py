@@ -8,7 +8,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 def watermarks(settings: dict, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
-    """Return ``{partition: (earliest, latest)}`` for ``topic``; raises when the broker does not answer."""
+    """Return ``{partition: (earliest, latest)}`` for ``topic``; raises RuntimeError when the broker does not respond."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     consumer = Consumer({**settings, "group.id": "streamrec-offset-reader", "enable.auto.commit": False})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import urllib.request
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
 from pyspark.sql import functions as F
@@ -13,8 +15,8 @@ from pyspark.sql import functions as F
 from jobs.ingest import DataLossError, IngestJob
 from jobs.lib.checkpoint import CheckpointInUseError
 from jobs.lib.metrics import serve_metrics
-from jobs.replay import DEFAULT_RATINGS, movielens_events, movielens_record
-from tests.conftest import MOVIELENS_RATINGS, produce
+from reccore.config import PROJECT_ROOT
+from tests.conftest import MOVIELENS_RATINGS, produce, project_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
@@ -273,18 +275,20 @@ def test_movielens_main_job(movielens_bronze, spark):
     assert "batch 0: read" in movielens_bronze.ingest_log
 
 
-def test_movielens_replayed_twice_plus_one(movielens_bronze, spark, make_topic, make_config, kafka_settings,
-                                           tmp_path):
+def test_movielens_replayed_twice_plus_one(movielens_bronze, spark, make_topic, make_config, tmp_path):
     topic = make_topic(partitions=2)
     config = make_config(topic)
     # Start from a copy of the shared bronze table: the fixture stays read-only.
     shutil.copytree(movielens_bronze.events_path, config.lake.table("bronze/events"))
 
-    rows = movielens_events(DEFAULT_RATINGS)
-    records = [movielens_record(*row) for row in rows]
-    new_event = event("ml-new-1997", event_time="1997-06-01T12:00:00Z", user_id="1", item_id="1")
-    produce(kafka_settings, topic, [record.value for record in records] + [new_event],
-            keys=[record.key.decode() for record in records] + ["1"])
+    # The whole file again, then one new event dated 1997, both through the replay tool.
+    new_event = tmp_path / "new.jsonl"
+    new_event.write_text(event("ml-new-1997", event_time="1997-06-01T12:00:00Z", user_id="1", item_id="1") + "\n")
+    env = project_env({"kafka.interactions_topic": topic})
+    for args in (["movielens"], ["jsonl", str(new_event)]):
+        replay = subprocess.run([sys.executable, "-m", "jobs.replay", *args, "--no-progress"], cwd=PROJECT_ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert replay.returncode == 0, replay.stderr[-3000:]
     job = run_available_now(spark, config)
 
     assert bronze_rows(spark, config).count() == MOVIELENS_RATINGS + 1
