@@ -161,11 +161,17 @@ def parse_kafka_records(kafka_df: DataFrame, rules: EventRules) -> DataFrame:
     return source.mapInArrow(lambda batches: parse_arrow_batches(batches, rules), PARSED_SCHEMA)
 
 
-def valid_events(parsed: DataFrame, ingest_time) -> DataFrame:
+def event_month(event_time_us: str = "event_time_us"):
+    """Return the partition value (``yyyy-MM`` in UTC) of an event-time column in microseconds."""
+    return F.date_format(F.timestamp_micros(event_time_us), "yyyy-MM")
+
+
+def valid_events(parsed: DataFrame, ingest_time, deduplicate: bool = True) -> DataFrame:
     """Select the valid rows of a parsed batch in the bronze layout, one row per event_id.
 
     Of several copies of an event_id in one batch the one with the lowest (partition, offset) is
-    kept, so a rerun of the same batch keeps the same copy.
+    kept, so a rerun of the same batch keeps the same copy. That needs a sort of the whole batch,
+    so a caller that knows the batch has no repeated id passes ``deduplicate=False``.
     """
     events = parsed.where(F.col("ok")).select(
         "event_id",
@@ -174,6 +180,8 @@ def valid_events(parsed: DataFrame, ingest_time) -> DataFrame:
         F.lit(ingest_time).cast(TimestampType()).alias("ingest_time"),
         "kafka_topic", "kafka_partition", "kafka_offset",
     )
+    if not deduplicate:
+        return events
     first = F.min_by(F.struct(*events.columns), F.struct("kafka_partition", "kafka_offset"))
     return events.groupBy("event_id").agg(first.alias("row")).select("row.*")
 
@@ -202,17 +210,25 @@ def merge_new_quarantine(spark: SparkSession, quarantine_path: str, records: Dat
     return _inserted_rows(metrics)
 
 
-def merge_new_events(spark: SparkSession, events_path: str, events: DataFrame) -> Optional[int]:
+def merge_new_events(spark: SparkSession, events_path: str, events: DataFrame,
+                     months: Optional[list[str]] = None) -> Optional[int]:
     """Insert the events whose event_id is not in bronze yet (insert-only MERGE, no streaming state).
 
-    The match is on event_id alone, over the whole table, so a copy that arrives years after the
-    original is still caught, and a late event (new id, old time) is never taken for a duplicate.
+    The match is on event_id, so a copy that arrives years after the original is still caught and a
+    late event (new id, old time) is never taken for a duplicate. With ``months`` (the event months
+    of the batch) the merge reads only those partitions of bronze. A copy of an event carries the
+    same event_time and so the same month; only a record that reuses an id with another event time
+    escapes this check. With ``months=None`` the merge reads the whole table.
     Returns the rows inserted, or None when Delta skipped the merge because the session's
     transaction id (txnAppId, txnVersion) was already committed.
     """
+    condition = "t.event_id = s.event_id"
+    if months is not None:
+        listed = ", ".join(f"'{month}'" for month in sorted(months))
+        condition += f" AND t.{PARTITION_COLUMN} IN ({listed})"
     target = DeltaTable.forPath(spark, events_path)
     metrics = (target.alias("t")
-               .merge(events.alias("s"), "t.event_id = s.event_id")
+               .merge(events.alias("s"), condition)
                # Columns named one by one: Delta computes the generated partition column itself.
                .whenNotMatchedInsert(values={name: f"s.`{name}`" for name in EVENTS_SCHEMA.fieldNames()})
                .execute())

@@ -46,6 +46,7 @@ log = logging.getLogger("jobs.ingest")
 
 QUERY_NAME = "ingest_bronze_events"
 TRIGGERS = ("processing_time", "available_now")
+DEDUP_SCOPES = ("event_month", "table")
 DELTA_CONFLICTS = (DeltaConcurrentModificationException, ConcurrentWriteException, MetadataChangedException,
                    ProtocolChangedException, ConcurrentAppendException, ConcurrentDeleteReadException,
                    ConcurrentDeleteDeleteException, ConcurrentTransactionException)
@@ -108,6 +109,8 @@ class IngestJob:
 
         if self.settings.trigger not in TRIGGERS:
             raise ValueError(f"ingest.trigger {self.settings.trigger!r} is invalid; use one of {TRIGGERS}")
+        if self.settings.dedup_scope not in DEDUP_SCOPES:
+            raise ValueError(f"ingest.dedup_scope {self.settings.dedup_scope!r} is invalid; use one of {DEDUP_SCOPES}")
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class IngestJob:
             result.late = stats["late"]
             if result.records_read:
                 step = time.monotonic()
-                inserted = self._write_events(parsed, ingest_time, app_id, batch_id)
+                inserted = self._write_events(parsed, ingest_time, app_id, batch_id, stats)
                 result.merge_s = time.monotonic() - step
                 if inserted is None:
                     result.already_committed = True
@@ -238,26 +241,36 @@ class IngestJob:
         late = F.lit(0)
         if late_cutoff_us is not None:
             late = F.when(F.col("ok") & (F.col("event_time_us") < F.lit(late_cutoff_us)), 1).otherwise(0)
-        rows = (parsed.groupBy("ok", "reason_code")
+        month = F.when(F.col("ok"), bronze.event_month()).alias("month")
+        rows = (parsed.groupBy("ok", "reason_code", month)
                 .agg(F.count(F.lit(1)).alias("records"), F.sum(late).alias("late"),
                      F.max("event_time_us").alias("max_event_time_us"))
                 .collect())
-        stats = {"records": 0, "valid": 0, "late": 0, "quarantined": {}, "max_event_time_us": None}
+        stats = {"records": 0, "valid": 0, "distinct_ids": 0, "late": 0, "quarantined": {}, "months": [],
+                 "max_event_time_us": None}
         for row in rows:
             stats["records"] += row["records"]
             if row["ok"]:
                 stats["valid"] += row["records"]
                 stats["late"] += row["late"] or 0
-                stats["max_event_time_us"] = row["max_event_time_us"]
+                stats["months"].append(row["month"])
+                stats["max_event_time_us"] = max(stats["max_event_time_us"] or 0, row["max_event_time_us"])
             else:
-                stats["quarantined"][row["reason_code"]] = row["records"]
+                reason = row["reason_code"]
+                stats["quarantined"][reason] = stats["quarantined"].get(reason, 0) + row["records"]
+        if stats["valid"]:
+            stats["distinct_ids"] = parsed.where(F.col("ok")).agg(F.count_distinct("event_id")).first()[0]
         return stats
 
-    def _write_events(self, parsed: DataFrame, ingest_time: datetime, app_id: str, batch_id: int) -> Optional[int]:
+    def _write_events(self, parsed: DataFrame, ingest_time: datetime, app_id: str, batch_id: int,
+                      stats: dict) -> Optional[int]:
         """Merge the batch's valid events; return rows inserted, or None when the batch was already committed."""
-        events = bronze.valid_events(parsed, ingest_time)
+        if not stats["valid"]:
+            return 0
+        events = bronze.valid_events(parsed, ingest_time, deduplicate=stats["distinct_ids"] < stats["valid"])
+        months = stats["months"] if self.settings.dedup_scope == "event_month" else None
         inserted = self._with_conflict_retries(
-            lambda: bronze.merge_new_events(self.spark, self.events_path, events),
+            lambda: bronze.merge_new_events(self.spark, self.events_path, events, months),
             app_id, batch_id, "merge into bronze events")
         if inserted is None:
             log.info("batch %d: bronze already holds this batch (transaction %s:%d was committed before a "

@@ -152,6 +152,20 @@ def test_duplicates_dropped_late_events_land(spark, make_topic, make_config, kaf
     assert sum(result.written for result in second.results) == 2
 
 
+@pytest.mark.parametrize("scope, expected_rows", [("event_month", 2), ("table", 1)])
+def test_dedup_scope_on_reused_id(spark, make_topic, make_config, kafka_settings, scope, expected_rows):
+    # A producer bug: the same event_id with an event time in another month. "table" catches it,
+    # "event_month" only compares with the months the batch touches, as documented.
+    topic = make_topic(partitions=1)
+    config = make_config(topic, dedup_scope=scope)
+    produce(kafka_settings, topic, [event("reused", event_time="2018-08-01T00:00:00Z")])
+    run_available_now(spark, config)
+    produce(kafka_settings, topic, [event("reused", event_time="2018-09-01T00:00:00Z")])
+    run_available_now(spark, config)
+
+    assert bronze_rows(spark, config).where(F.col("event_id") == "reused").count() == expected_rows
+
+
 def test_second_job_on_checkpoint_refused(spark, make_topic, make_config, kafka_settings):
     topic = make_topic(partitions=1)
     config = make_config(topic, trigger="processing_time", trigger_interval_seconds=1)
