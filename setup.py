@@ -22,6 +22,8 @@ JOBS = [
     "confluent-kafka==2.16.1",
     "prometheus-client==0.26.0",
     "tqdm==4.70.1",
+    "redis==8.1.0",
+    "hiredis==3.5.0",
 ]
 
 SERVING = [

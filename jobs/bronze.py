@@ -6,6 +6,7 @@ Python, with reccore.events as the single definition of a valid event) and the d
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from typing import Iterator, Optional
 
@@ -195,22 +196,22 @@ def quarantined_records(parsed: DataFrame, ingest_time) -> DataFrame:
     )
 
 
-def merge_new_quarantine(spark: SparkSession, quarantine_path: str, records: DataFrame) -> Optional[int]:
+def merge_new_quarantine(spark: SparkSession, quarantine_path: str, records: DataFrame,
+                         commit_marker: str) -> Optional[int]:
     """Insert quarantined records not yet present, keyed by Kafka (topic, partition, offset).
 
     A batch read again after its checkpoint was deleted has a new query id, so Delta's transaction
     ids do not recognise it; this key does.
     """
     target = DeltaTable.forPath(spark, quarantine_path)
-    metrics = (target.alias("t")
-               .merge(records.alias("s"), "t.kafka_topic = s.kafka_topic AND t.kafka_partition = s.kafka_partition "
-                                          "AND t.kafka_offset = s.kafka_offset")
-               .whenNotMatchedInsert(values={name: f"s.`{name}`" for name in QUARANTINE_SCHEMA.fieldNames()})
-               .execute())
-    return _inserted_rows(metrics)
+    merge = (target.alias("t")
+             .merge(records.alias("s"), "t.kafka_topic = s.kafka_topic AND t.kafka_partition = s.kafka_partition "
+                                        "AND t.kafka_offset = s.kafka_offset")
+             .whenNotMatchedInsert(values={name: f"s.`{name}`" for name in QUARANTINE_SCHEMA.fieldNames()}))
+    return _execute_counting_inserts(target, merge, commit_marker)
 
 
-def merge_new_events(spark: SparkSession, events_path: str, events: DataFrame,
+def merge_new_events(spark: SparkSession, events_path: str, events: DataFrame, commit_marker: str,
                      months: Optional[list[str]] = None) -> Optional[int]:
     """Insert the events whose event_id is not in bronze yet (insert-only MERGE, no streaming state).
 
@@ -220,23 +221,43 @@ def merge_new_events(spark: SparkSession, events_path: str, events: DataFrame,
     same event_time and so the same month; only a record that reuses an id with another event time
     escapes this check. With ``months=None`` the merge reads the whole table.
     Returns the rows inserted, or None when Delta skipped the merge because the session's
-    transaction id (txnAppId, txnVersion) was already committed.
+    transaction id (txnAppId, txnVersion) was already committed. ``commit_marker`` must be the
+    commit's userMetadata, set by the caller.
     """
     condition = "t.event_id = s.event_id"
     if months is not None:
         listed = ", ".join(f"'{month}'" for month in sorted(months))
         condition += f" AND t.{PARTITION_COLUMN} IN ({listed})"
     target = DeltaTable.forPath(spark, events_path)
-    metrics = (target.alias("t")
-               .merge(events.alias("s"), condition)
-               # Columns named one by one: Delta computes the generated partition column itself.
-               .whenNotMatchedInsert(values={name: f"s.`{name}`" for name in EVENTS_SCHEMA.fieldNames()})
-               .execute())
-    return _inserted_rows(metrics)
+    merge = (target.alias("t")
+             .merge(events.alias("s"), condition)
+             # Columns named one by one: Delta computes the generated partition column itself.
+             .whenNotMatchedInsert(values={name: f"s.`{name}`" for name in EVENTS_SCHEMA.fieldNames()}))
+    return _execute_counting_inserts(target, merge, commit_marker)
 
 
-def _inserted_rows(metrics: DataFrame) -> Optional[int]:
-    # MERGE returns one row of metrics; a merge skipped for an already-committed transaction
-    # returns none (Delta 3.x and 4.x).
-    row = metrics.first()
+def _execute_counting_inserts(target: DeltaTable, merge, commit_marker: str) -> Optional[int]:
+    """Run a MERGE; return the rows it inserted, or None when Delta skipped it as already committed."""
+    if not _MERGE_RETURNS_METRICS:
+        # Delta 3.x (the Spark 3.5 line) returns nothing from execute(): the new commit is found in
+        # the history by its userMetadata, among the versions after the one read here.
+        version_before = target.history(1).first()["version"]
+        merge.execute()
+        commits = (target.history(20).where(F.col("version") > version_before)
+                   .where(F.col("userMetadata") == commit_marker).select("operationMetrics").collect())
+        return int(commits[0]["operationMetrics"].get("numTargetRowsInserted", "0")) if commits else None
+
+    # Delta 4.x returns one row of metrics, and no row for a skipped transaction.
+    row = merge.execute().first()
     return None if row is None else int(row["num_inserted_rows"])
+
+
+def _delta_major_version() -> int:
+    try:
+        return int(importlib.metadata.version("delta-spark").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:  # a cluster image with Delta's jar but no wheel
+        return 0
+
+
+_MERGE_RETURNS_METRICS = _delta_major_version() >= 4
+

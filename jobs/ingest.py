@@ -270,7 +270,7 @@ class IngestJob:
         events = bronze.valid_events(parsed, ingest_time, deduplicate=stats["distinct_ids"] < stats["valid"])
         months = stats["months"] if self.settings.dedup_scope == "event_month" else None
         inserted = self._with_conflict_retries(
-            lambda: bronze.merge_new_events(self.spark, self.events_path, events, months),
+            lambda: bronze.merge_new_events(self.spark, self.events_path, events, f"{app_id}:{batch_id}", months),
             app_id, batch_id, "merge into bronze events")
         if inserted is None:
             log.info("batch %d: bronze already holds this batch (transaction %s:%d was committed before a "
@@ -279,8 +279,9 @@ class IngestJob:
 
     def _write_quarantine(self, parsed: DataFrame, ingest_time: datetime, app_id: str, batch_id: int) -> None:
         records = bronze.quarantined_records(parsed, ingest_time)
-        self._with_conflict_retries(lambda: bronze.merge_new_quarantine(self.spark, self.quarantine_path, records),
-                                    app_id, batch_id, "merge into quarantine")
+        self._with_conflict_retries(
+            lambda: bronze.merge_new_quarantine(self.spark, self.quarantine_path, records, f"{app_id}:{batch_id}"),
+            app_id, batch_id, "merge into quarantine")
 
     def _with_conflict_retries(self, write, app_id: str, batch_id: int, what: str):
         """Run ``write`` under the batch's Delta transaction id, retrying concurrent-commit conflicts."""
