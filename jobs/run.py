@@ -11,6 +11,8 @@ import sys
 JOBS = {
     "ingest": ("jobs.ingest", "Kafka interactions -> Delta bronze events (streaming)"),
     "bronze-report": ("jobs.bronze_report", "Summary of bronze and quarantine: rows, time range, files"),
+    "items": ("jobs.items", "Item catalogue (movies.csv) -> Delta silver/items and Redis"),
+    "backfill": ("jobs.backfill", "Features from bronze -> Delta history and Redis, in batch"),
 }
 
 

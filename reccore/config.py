@@ -146,6 +146,11 @@ class RedisConfig:
     host: str = "127.0.0.1"
     port: int = 6379
     password: str = ""
+    # Every key starts with this prefix; feature keys also carry the feature-set version.
+    key_prefix: str = "streamrec"
+    # Refreshed on every write; long enough that expiry never removes the last good value while
+    # the pipeline is down (staleness is judged at read time).
+    ttl_seconds: int = 7_776_000
 
 
 @dataclass(frozen=True)
