@@ -13,6 +13,8 @@ JOBS = {
     "bronze-report": ("jobs.bronze_report", "Summary of bronze and quarantine: rows, time range, files"),
     "items": ("jobs.items", "Item catalogue (movies.csv) -> Delta silver/items and Redis"),
     "backfill": ("jobs.backfill", "Features from bronze -> Delta history and Redis, in batch"),
+    "features-stream": ("jobs.features_stream", "New bronze events -> tiles, feature history and Redis (streaming)"),
+    "parity": ("jobs.parity", "Compare stored features (Delta, Redis) with a batch recomputation"),
 }
 
 
