@@ -80,6 +80,8 @@ MASTER="$("$PY" -m reccore.config --env "$ENV_NAME" spark.master)"
 JARS="${STREAMREC_JARS:-$("$PY" -m jobs.jars --print)}"
 DIST="${STREAMREC_HOME:-$ROOT/.work}/dist"
 mkdir -p "$DIST"
+# A job killed by SIGKILL cannot remove its zip and pid file: clear those older than a day.
+find "$DIST" -maxdepth 1 -type f \( -name 'streamrec-*.zip' -o -name 'driver-*.pid' \) -mmin +1440 -delete 2>/dev/null || true
 ZIP="$(mktemp "$DIST/streamrec-XXXXXX.zip")"
 "$PY" -m jobs.package "$ZIP"
 
@@ -98,8 +100,14 @@ COMMAND=(
 )
 
 if [[ $DRY_RUN -eq 1 ]]; then
+  # A command that runs as printed: the environment the script sets, then spark-submit. The zip
+  # is kept for it (cleared after a day like any other).
+  printf 'env'
+  for name in STREAMREC_ENV STREAMREC_CONF_DIR STREAMREC_HOME SPARK_LOCAL_IP PYSPARK_PYTHON PYSPARK_DRIVER_PYTHON; do
+    printf ' %s=%q' "$name" "${!name}"
+  done
+  printf ' \\\n  '
   printf '%q ' "${COMMAND[@]}"; printf '\n'
-  rm -f "$ZIP"
   exit 0
 fi
 

@@ -200,7 +200,8 @@ class IngestJob:
             result.parse_s = time.monotonic() - step
             result.records_read = stats["records"]
             result.quarantined = stats["quarantined"]
-            result.late = stats["late"]
+            # A late candidate that is a copy of an event already in bronze is a duplicate, not late.
+            result.late = self._count_new_late(parsed, late_cutoff_us, stats) if stats["late"] else 0
             if result.records_read:
                 step = time.monotonic()
                 inserted = self._write_events(parsed, ingest_time, app_id, batch_id, stats)
@@ -236,6 +237,16 @@ class IngestJob:
                 raise RuntimeError(f"checkpoint {self.checkpoint} has no query id in its metadata file")
             self._app_id = f"streamrec-ingest-{query_id}"
         return self._app_id
+
+    def _count_new_late(self, parsed: DataFrame, late_cutoff_us: int, stats: dict) -> int:
+        """Count the batch's late events whose event_id is not in bronze yet (run before the merge)."""
+        candidates = (parsed.where(F.col("ok") & (F.col("event_time_us") < F.lit(late_cutoff_us)))
+                      .select("event_id", bronze.event_month().alias("month")).distinct())
+        existing = self.spark.read.format("delta").load(self.events_path)
+        if self.settings.dedup_scope == "event_month":
+            months = [row["month"] for row in candidates.select("month").distinct().collect()]
+            existing = existing.where(F.col(bronze.PARTITION_COLUMN).isin(months))
+        return candidates.join(existing.select("event_id"), "event_id", "left_anti").select("event_id").distinct().count()
 
     def _batch_stats(self, parsed: DataFrame, late_cutoff_us: Optional[int]) -> dict:
         late = F.lit(0)

@@ -1,8 +1,8 @@
 """Replay a dataset into Kafka as interaction events, in event-time order.
 
 Sources:
-  movielens   the MovieLens ratings CSV: each rating becomes a ``rating`` event whose event_id is
-              derived from user, movie and timestamp (``ml-<user>-<movie>-<timestamp>``), so a
+  movielens   the MovieLens ratings CSV: each rating becomes a 'rating' event whose event_id is
+              derived from user, movie and timestamp (ml-<user>-<movie>-<timestamp>), so a
               second replay of the same rows publishes the same ids
   jsonl FILE  one event per line, already in the contract
 
@@ -139,8 +139,13 @@ class Publisher:
         self.delivered = 0
         self.failed = 0
         self.first_error: Optional[str] = None
+        # librdkafka's own log goes through logging; its retries while a fresh broker loads its
+        # coordinator are routine, and a real failure reaches the delivery callback and the exit code.
+        client_log = logging.getLogger("jobs.replay.librdkafka")
+        client_log.setLevel(logging.ERROR)
         self.producer = Producer({**settings, "enable.idempotence": True, "acks": "all", "linger.ms": 20,
-                                  "batch.num.messages": 10000, "queue.buffering.max.messages": 500000})
+                                  "batch.num.messages": 10000, "queue.buffering.max.messages": 500000,
+                                  "logger": client_log})
 
     def _on_delivery(self, error, _message) -> None:
         if error is None:
@@ -208,7 +213,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.replay", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("source", choices=("movielens", "jsonl"))
+    parser.add_argument("source", choices=("movielens", "jsonl"),
+                        help="movielens: the ratings CSV; jsonl: one contract event per line")
     parser.add_argument("path", nargs="?", help="input file (default for movielens: the bundled ratings.csv)")
     parser.add_argument("--env", default=None, help="config environment (conf/<env>.yaml)")
     parser.add_argument("--topic", help="Kafka topic (default: kafka.interactions_topic from config)")

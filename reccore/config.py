@@ -358,13 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("key", help="dotted key, e.g. spark.master")
     args = parser.parse_args(argv)
     try:
-        value: Any = load_config(args.env)
-        for part in args.key.split("."):
-            value = value[part] if isinstance(value, dict) else getattr(value, part)
-    except (ConfigError, AttributeError, KeyError) as error:
+        value: Any = dataclasses.asdict(load_config(args.env))
+    except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
-    sys.stdout.write(f"{value}\n")
+    walked = []
+    for part in args.key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            known = sorted(value) if isinstance(value, dict) else []
+            where = ".".join(walked) or "the top level"
+            sys.stderr.write(f"error: {args.key!r} is not a config key; keys under {where}: {known}\n")
+            return 2
+        value = value[part]
+        walked.append(part)
+    if isinstance(value, (dict, list)):
+        sys.stdout.write(yaml.safe_dump(value, sort_keys=False))
+    else:
+        sys.stdout.write(f"{value}\n")
     return 0
 
 

@@ -151,6 +151,12 @@ def test_duplicates_dropped_late_events_land(spark, make_topic, make_config, kaf
     assert sum(result.late for result in second.results) == 1
     assert sum(result.written for result in second.results) == 2
 
+    # The late event again: now it is a duplicate, and a duplicate is never counted as late.
+    produce(kafka_settings, topic, [event("late", event_time="2018-09-24T11:05:00Z")])
+    third = run_available_now(spark, config)
+    assert sum(result.duplicates for result in third.results) == 1
+    assert sum(result.late for result in third.results) == 0
+
 
 @pytest.mark.parametrize("scope, expected_rows", [("event_month", 2), ("table", 1)])
 def test_dedup_scope_on_reused_id(spark, make_topic, make_config, kafka_settings, scope, expected_rows):
