@@ -45,7 +45,7 @@ STATE_TABLE = "silver/feature_backfills"
 
 @dataclass
 class BackfillResult:
-    """What a backfill read and wrote."""
+    """Counts and timing of one backfill run."""
 
     bronze_version: int
     events: int

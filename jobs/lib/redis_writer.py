@@ -1,7 +1,7 @@
 """Write entity features to Redis: versioned compare-and-set in Lua, many entities per call.
 
 Each entity's packed vector and readable hash are replaced together, and only when the write's
-stamp is newer than the stored one (see reccore.store.Stamp); the comparison runs on the server
+stamp is newer than the stored one (see reccore.store.Stamp). The comparison runs on the server
 inside one script, so two writers can never interleave. Values are absolute, never increments,
 so a retried or replayed write leaves the same state. Keys get a long TTL refreshed on every write:
 staleness is judged at read time, and expiry only cleans up entities that stopped changing long ago.
@@ -144,14 +144,14 @@ class FeatureWriter:
                 raise RedisWriteError(f"Redis rejected a write of {len(group)} {self.entity} entities "
                                       f"(first id {group[0].entity_id}): {reply}")
             if len(reply) != len(group):
-                raise RedisWriteError(f"Redis answered {len(reply)} results for {len(group)} entities")
+                raise RedisWriteError(f"Redis returned {len(reply)} results for {len(group)} entities")
             written += sum(reply)
             kept += len(group) - sum(reply)
         return written, kept
 
 
 def read_stamp(client: redis.Redis, layout: KeyLayout, entity: str, entity_id: str) -> Optional[Stamp]:
-    """Return the stored stamp of an entity, or None when Redis holds no values for it."""
+    """Return the stored stamp of an entity, or None when Redis has no values for it."""
     newest, counted, ingest = client.hmget(layout.fields(entity, entity_id), *STAMP_FIELDS)
     if newest is None:
         return None
