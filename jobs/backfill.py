@@ -169,8 +169,10 @@ def run_backfill(spark: SparkSession, config: Config, feature_set: FeatureSet,
     events.unpersist()
 
     state = spark.createDataFrame(
-        [(version, start_ms, end_ms, feature_set.version, datetime.now(timezone.utc).replace(tzinfo=None))],
-        "bronze_version long, start_ms long, end_ms long, feature_set_version string, finished_at timestamp")
+        [(version, start_ms, end_ms, feature_set.version, as_of_ms,
+          datetime.now(timezone.utc).replace(tzinfo=None))],
+        "bronze_version long, start_ms long, end_ms long, feature_set_version string, max_event_ms long, "
+        "finished_at timestamp")
     state.write.format("delta").mode("append").save(config.lake.table(STATE_TABLE))
     result = BackfillResult(version, event_count, history_rows, written, kept, time.monotonic() - started)
     log.info("backfill finished in %.1f s: %s", result.duration_s, result)

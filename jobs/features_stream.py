@@ -5,8 +5,9 @@
 
 Reads bronze as a Delta stream from the version after the last backfill. Per micro-batch:
 1. events older than the previous batch's watermark (newest event time seen minus
-   ``features.watermark_seconds``) are late: counted in the log and metrics and left to the next
-   backfill;
+   ``--watermark-seconds``) are late: counted in the log and left to the next backfill. Spark
+   tracks the watermark (``withWatermark``) and stores it with each batch's offsets, so a batch
+   rerun after a failure or a restart classifies its events the same way;
 2. the batch's tiles are added into the tile tables (MERGE, under the batch's Delta transaction id,
    so a replayed batch adds nothing twice);
 3. for the entities the batch touched, features are recomputed from their stored tiles for every
@@ -17,7 +18,10 @@ Reads bronze as a Delta stream from the version after the last backfill. Per mic
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
+import signal
 import sys
 import threading
 import time
@@ -27,6 +31,7 @@ from typing import Optional
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.errors import StreamingQueryException
 from pyspark.sql.streaming import StreamingQuery
 
 from jobs import bronze
@@ -80,9 +85,10 @@ class FeaturesStream:
         self.results: list[FeatureBatchResult] = []
         self.query: Optional[StreamingQuery] = None
         self.stop_requested = threading.Event()
-        self._max_event_ms: Optional[int] = None
+        self._backfill_max_event_ms: Optional[int] = None
         self._app_id: Optional[str] = None
         self._items: Optional[DataFrame] = None
+        self.restarts = 0
 
     def starting_version(self) -> int:
         """Return the bronze version after the last backfill; raise when no backfill ran."""
@@ -92,9 +98,11 @@ class FeaturesStream:
                                     "run `./spark-submit.sh backfill` first")
         row = (self.spark.read.format("delta").load(state_path)
                .where(F.col("feature_set_version") == self.feature_set.version)
-               .agg(F.max("bronze_version")).first())
+               .agg(F.max("bronze_version"), F.max("max_event_ms")).first())
         if row[0] is None:
             raise FileNotFoundError(f"no backfill of feature set {self.feature_set.version} in {state_path}")
+        # Until Spark has a watermark of its own (the first batch), the backfill's newest event sets it.
+        self._backfill_max_event_ms = row[1]
         return int(row[0]) + 1
 
     def start(self) -> StreamingQuery:
@@ -103,13 +111,13 @@ class FeaturesStream:
         try:
             version = self.starting_version()
             self._items = self.spark.read.format("delta").load(self.config.lake.table(ITEMS_TABLE))
-            self._max_event_ms = self._newest_tile_ms()
             reader = (self.spark.readStream.format("delta").option("startingVersion", version)
                       # Only the ingest job's inserts land in bronze; a compaction would be skipped.
                       .option("skipChangeCommits", "true"))
             if self.max_files_per_trigger:
                 reader = reader.option("maxFilesPerTrigger", self.max_files_per_trigger)
-            stream = reader.load(self.config.lake.table(bronze.EVENTS_TABLE))
+            stream = (reader.load(self.config.lake.table(bronze.EVENTS_TABLE))
+                      .withWatermark("event_time", f"{self.watermark_ms // 1000} seconds"))
             writer = (stream.writeStream.queryName(QUERY_NAME).option("checkpointLocation", self.checkpoint)
                       .foreachBatch(self.process_batch))
             if self.trigger == "available_now":
@@ -124,11 +132,15 @@ class FeaturesStream:
                  self.checkpoint, self.watermark_ms // 1000)
         return self.query
 
-    def _newest_tile_ms(self) -> Optional[int]:
-        path = self.config.lake.table(TILE_TABLES["user"])
-        if not DeltaTable.isDeltaTable(self.spark, path):
+    def _batch_watermark_ms(self, batch_id: int) -> Optional[int]:
+        """Return the watermark Spark planned this batch with, from the checkpoint's offset log."""
+        text = self.reader.read_text(f"offsets/{batch_id}")
+        planned = json.loads(text.splitlines()[1]).get("batchWatermarkMs", 0) if text else 0
+        if planned:
+            return int(planned)
+        if self._backfill_max_event_ms is None:
             return None
-        return self.spark.read.format("delta").load(path).agg(F.max("max_event_ms")).first()[0]
+        return int(self._backfill_max_event_ms) - self.watermark_ms
 
     def _txn_app_id(self) -> str:
         if self._app_id is None:
@@ -142,18 +154,15 @@ class FeaturesStream:
         app_id = self._txn_app_id()
         events = transforms.feature_events(batch_df, self._items, self.feature_set).persist()
         try:
-            watermark = None if self._max_event_ms is None else self._max_event_ms - self.watermark_ms
+            watermark = self._batch_watermark_ms(batch_id)
             result.watermark_ms = watermark
             late = F.col("event_ms") < F.lit(watermark) if watermark is not None else F.lit(False)
-            row = events.agg(F.count(F.lit(1)).alias("events"), F.sum(F.when(late, 1).otherwise(0)).alias("late"),
-                             F.max(F.when(~late, F.col("event_ms"))).alias("newest")).first()
+            row = events.agg(F.count(F.lit(1)).alias("events"), F.sum(F.when(late, 1).otherwise(0)).alias("late")).first()
             result.events, result.late = row["events"], row["late"] or 0
             on_time = events.where(~late)
             if result.events > result.late:
                 for entity in ("user", "item"):
                     self._fold_entity(on_time, entity, app_id, batch_id, result)
-            if row["newest"] is not None:
-                self._max_event_ms = max(self._max_event_ms or 0, row["newest"])
         finally:
             events.unpersist()
         result.duration_s = time.monotonic() - started
@@ -216,6 +225,45 @@ class FeaturesStream:
              .whenNotMatchedInsertAll()
              .execute())
 
+    def run_supervised(self, max_restarts: int = 5, restart_delay_seconds: float = 10.0,
+                       stop: Optional[threading.Event] = None) -> int:
+        """Run the query, restarting it from its checkpoint after a failure; return an exit code.
+
+        Spark does not retry a failed micro-batch. A batch that failed (Redis down after the
+        writer's own retries, say) runs again from the checkpoint after a delay that doubles with
+        each consecutive failure; its Delta writes carry transaction ids and its Redis writes are
+        versioned, so the rerun adds nothing twice. A run that completed a batch before failing
+        resets the count. After ``max_restarts`` consecutive failures the error is final.
+        """
+        stop = stop or self.stop_requested
+        failures = 0
+        while True:
+            batches_before = len(self.results)
+            query = self.start()
+            try:
+                while query.isActive and not stop.is_set():
+                    query.awaitTermination(1.0)
+                if query.isActive:
+                    self.stop_gracefully()
+            except StreamingQueryException:
+                pass  # the same error is read from query.exception() below
+            finally:
+                self.close()
+            error = query.exception()
+            if error is None:
+                return 0
+
+            failures = 1 if len(self.results) > batches_before else failures + 1
+            self.restarts += 1
+            if failures > max_restarts:
+                log.error("features stream failed %d times in a row; giving up: %s", failures, error)
+                return 1
+            delay_s = restart_delay_seconds * 2 ** (failures - 1)
+            log.warning("features stream failed (%s); restart %d of %d from the checkpoint in %.0f s",
+                        _root_cause(error), failures, max_restarts, delay_s)
+            if stop.wait(delay_s):
+                return 0
+
     def stop_gracefully(self) -> None:
         """Stop between micro-batches (see IngestJob.stop_gracefully for the reasoning)."""
         self.stop_requested.set()
@@ -229,6 +277,12 @@ class FeaturesStream:
         self.lock.release()
 
 
+def _root_cause(error: BaseException) -> str:
+    # A foreachBatch failure arrives wrapped in py4j and Spark text; the Python error line says what broke.
+    lines = [line.strip() for line in str(error).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    return (lines[-1] if lines else str(error).splitlines()[0])[:300]
+
+
 def main(argv: Optional[list[str]] = None, spark: Optional[SparkSession] = None) -> int:
     parser = argparse.ArgumentParser(prog="features-stream", description="Streaming features from bronze.")
     parser.add_argument("--env", default=None, help="config environment (conf/<env>.yaml)")
@@ -236,25 +290,29 @@ def main(argv: Optional[list[str]] = None, spark: Optional[SparkSession] = None)
     parser.add_argument("--trigger-interval-seconds", type=float, default=5.0)
     parser.add_argument("--watermark-seconds", type=int, default=600,
                         help="events older than the newest event time seen minus this are late")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="consecutive restarts from the checkpoint after a failed micro-batch before giving up")
+    parser.add_argument("--restart-delay-seconds", type=float, default=10.0,
+                        help="delay before the first restart; it doubles with each consecutive failure")
     args = parser.parse_args(argv)
     config = load_config(args.env)
     log_config(config, log)
     spark = spark or build_spark(config, "streamrec-features-stream")
     stream = FeaturesStream(spark, config, load_feature_set(), args.watermark_seconds, args.trigger,
                             args.trigger_interval_seconds)
+    stop = threading.Event()
+
+    def request_stop(signum, _frame):
+        log.info("received %s: stopping after the current micro-batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
-        query = stream.start()
+        return stream.run_supervised(args.max_restarts, args.restart_delay_seconds, stop)
     except FileNotFoundError as error:
         log.error("features stream did not start: %s", error)
         return 2
-    try:
-        query.awaitTermination()
-        if query.exception() is not None:
-            log.error("features stream failed: %s", query.exception())
-            return 1
-    finally:
-        stream.close()
-    return 0
 
 
 if __name__ == "__main__":
