@@ -231,7 +231,7 @@ class FeaturesStream:
 
         Spark does not retry a failed micro-batch. A batch that failed (Redis down after the
         writer's own retries, say) runs again from the checkpoint after a delay that doubles with
-        each consecutive failure; its Delta writes carry transaction ids and its Redis writes are
+        each consecutive failure. Its Delta writes carry transaction ids and its Redis writes are
         versioned, so the rerun adds nothing twice. A run that completed a batch before failing
         resets the count. After ``max_restarts`` consecutive failures the error is final.
         """
@@ -278,7 +278,7 @@ class FeaturesStream:
 
 
 def _root_cause(error: BaseException) -> str:
-    # A foreachBatch failure arrives wrapped in py4j and Spark text; the Python error line says what broke.
+    # A foreachBatch failure arrives wrapped in py4j and Spark text; the Python error line names the cause.
     lines = [line.strip() for line in str(error).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
     return (lines[-1] if lines else str(error).splitlines()[0])[:300]
 
