@@ -1,7 +1,7 @@
 """Resolve Maven Central artifacts with their dependencies into a cache folder, once.
 
 Both the Kafka broker (devstack) and the Spark jobs' jars (jobs.jars) come through here. A folder
-that holds a ``.complete`` marker is never resolved again, so later runs need no network.
+that has a ``.complete`` marker is never resolved again, so later runs need no network.
 """
 
 from __future__ import annotations

@@ -66,12 +66,9 @@ def _ms(text: Optional[str]) -> Optional[int]:
 
 def _write_entities(rows, config: Config, feature_set: FeatureSet, entity: str, backfill: bool) -> list:
     """Write one partition of latest rows to Redis (runs on the executors)."""
-    import redis
+    from jobs.lib.redis_writer import EntityValues, FeatureWriter, connect
 
-    from jobs.lib.redis_writer import EntityValues, FeatureWriter
-
-    client = redis.Redis(host=config.redis.host, port=config.redis.port, password=config.redis.password or None,
-                         socket_timeout=30)
+    client = connect(config.redis)
     names = feature_set.names(entity)
     writer = FeatureWriter(client, KeyLayout(config.redis.key_prefix, feature_set.version), entity, names,
                            config.redis.ttl_seconds)
@@ -96,11 +93,10 @@ def seed_redis(latest: DataFrame, config: Config, feature_set: FeatureSet, entit
 
 def _write_sets(events: DataFrame, config: Config, feature_set: FeatureSet, as_of_ms: int) -> None:
     """Replace the popularity sorted sets and add each user's consumed items."""
-    import redis
+    from jobs.lib.redis_writer import connect
 
     layout = KeyLayout(config.redis.key_prefix, feature_set.version)
-    client = redis.Redis(host=config.redis.host, port=config.redis.port, password=config.redis.password or None,
-                         socket_timeout=30)
+    client = connect(config.redis)
     popularity = transforms.popularity_as_of(events, as_of_ms, feature_set).collect()
     pipeline = client.pipeline(transaction=True)
     for window in feature_set.windows:

@@ -218,7 +218,7 @@ def merge_new_events(spark: SparkSession, events_path: str, events: DataFrame, c
     The match is on event_id, so a copy that arrives years after the original is still caught and a
     late event (new id, old time) is never taken for a duplicate. With ``months`` (the event months
     of the batch) the merge reads only those partitions of bronze. A copy of an event carries the
-    same event_time and so the same month; only a record that reuses an id with another event time
+    same event_time and so the same month. Only a record that reuses an id with another event time
     escapes this check. With ``months=None`` the merge reads the whole table.
     Returns the rows inserted, or None when Delta skipped the merge because the session's
     transaction id (txnAppId, txnVersion) was already committed. ``commit_marker`` must be the

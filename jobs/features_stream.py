@@ -37,10 +37,10 @@ from pyspark.sql.streaming import StreamingQuery
 from jobs import bronze
 from jobs import features as transforms
 from jobs.backfill import HISTORY_TABLES, STATE_TABLE, TILE_TABLES, seed_redis
-from jobs.ingest import TRIGGERS, _delta_txn
 from jobs.items import ITEMS_TABLE
 from jobs.lib.checkpoint import CheckpointLock, CheckpointReader
 from jobs.lib.session import build_spark
+from jobs.lib.streaming import TRIGGERS, delta_transaction, with_trigger
 from reccore.config import Config, load_config, log_config
 from reccore.features import FeatureSet, load_feature_set
 
@@ -120,11 +120,7 @@ class FeaturesStream:
                       .withWatermark("event_time", f"{self.watermark_ms // 1000} seconds"))
             writer = (stream.writeStream.queryName(QUERY_NAME).option("checkpointLocation", self.checkpoint)
                       .foreachBatch(self.process_batch))
-            if self.trigger == "available_now":
-                writer = writer.trigger(availableNow=True)
-            else:
-                writer = writer.trigger(processingTime=f"{self.trigger_interval_seconds} seconds")
-            self.query = writer.start()
+            self.query = with_trigger(writer, self.trigger, self.trigger_interval_seconds).start()
         except BaseException:
             self.lock.release()
             raise
@@ -209,7 +205,7 @@ class FeaturesStream:
         updates["max_event_ms"] = "greatest(t.max_event_ms, s.max_event_ms)"
         updates["max_ingest_ms"] = "greatest(t.max_ingest_ms, s.max_ingest_ms)"
         source = batch_tiles.withColumn("event_month", F.date_format(F.timestamp_seconds("bucket_s"), "yyyy-MM"))
-        with _delta_txn(self.spark, app_id, batch_id, f"{app_id}:{batch_id}:tiles-{entity}"):
+        with delta_transaction(self.spark, app_id, batch_id, f"{app_id}:{batch_id}:tiles-{entity}"):
             (DeltaTable.forPath(self.spark, tile_path).alias("t")
              .merge(source.alias("s"), "t.entity_id = s.entity_id AND t.bucket_s = s.bucket_s")
              .whenMatchedUpdate(set=updates)
@@ -218,7 +214,7 @@ class FeaturesStream:
 
     def _upsert_history(self, history: DataFrame, history_path: str, app_id: str, batch_id: int) -> None:
         # Recomputed rows are absolute values, so replaying this upsert leaves the same table.
-        with _delta_txn(self.spark, app_id, batch_id, f"{app_id}:{batch_id}:history"):
+        with delta_transaction(self.spark, app_id, batch_id, f"{app_id}:{batch_id}:history"):
             (DeltaTable.forPath(self.spark, history_path).alias("t")
              .merge(history.alias("s"), "t.entity_id = s.entity_id AND t.bucket_s = s.bucket_s")
              .whenMatchedUpdateAll()

@@ -39,22 +39,19 @@ from jobs.lib import kafka_offsets
 from jobs.lib.checkpoint import CheckpointInUseError, CheckpointLock, CheckpointReader
 from jobs.lib.metrics import IngestMetrics, ingest_metrics, serve_metrics
 from jobs.lib.session import build_spark
+from jobs.lib.streaming import TRIGGERS, delta_transaction, with_trigger
 from reccore.config import Config, load_config, log_config
 from reccore.events import EventRules
 
 log = logging.getLogger("jobs.ingest")
 
 QUERY_NAME = "ingest_bronze_events"
-TRIGGERS = ("processing_time", "available_now")
 DEDUP_SCOPES = ("event_month", "table")
 DELTA_CONFLICTS = (DeltaConcurrentModificationException, ConcurrentWriteException, MetadataChangedException,
                    ProtocolChangedException, ConcurrentAppendException, ConcurrentDeleteReadException,
                    ConcurrentDeleteDeleteException, ConcurrentTransactionException)
 # Test-only: exit the process right after batch N's Delta commits, before Spark's checkpoint commit.
 EXIT_AFTER_COMMIT_ENV = "STREAMREC_TEST_EXIT_AFTER_DELTA_COMMIT"
-TXN_APP_ID_CONF = "spark.databricks.delta.write.txnAppId"
-TXN_VERSION_CONF = "spark.databricks.delta.write.txnVersion"
-USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 
 
 class StopRequested(RuntimeError):
@@ -140,11 +137,7 @@ class IngestJob:
             writer = (parsed.writeStream.queryName(QUERY_NAME)
                       .option("checkpointLocation", self.checkpoint)
                       .foreachBatch(self.process_batch))
-            if self.settings.trigger == "available_now":
-                writer = writer.trigger(availableNow=True)
-            else:
-                writer = writer.trigger(processingTime=f"{self.settings.trigger_interval_seconds} seconds")
-            self.query = writer.start()
+            self.query = with_trigger(writer, self.settings.trigger, self.settings.trigger_interval_seconds).start()
         except BaseException:
             self.lock.release()
             raise
@@ -284,7 +277,7 @@ class IngestJob:
             lambda: bronze.merge_new_events(self.spark, self.events_path, events, f"{app_id}:{batch_id}", months),
             app_id, batch_id, "merge into bronze events")
         if inserted is None:
-            log.info("batch %d: bronze already holds this batch (transaction %s:%d was committed before a "
+            log.info("batch %d: already in bronze (transaction %s:%d was committed before a "
                      "restart); skipped", batch_id, app_id, batch_id)
         return inserted
 
@@ -299,7 +292,7 @@ class IngestJob:
         attempts = max(1, self.settings.write_retries + 1)
         for attempt in range(1, attempts + 1):
             try:
-                with _delta_txn(self.spark, app_id, batch_id, f"{app_id}:{batch_id}"):
+                with delta_transaction(self.spark, app_id, batch_id, f"{app_id}:{batch_id}"):
                     return write()
             except DELTA_CONFLICTS as error:
                 if attempt == attempts:
@@ -402,21 +395,6 @@ class IngestJob:
         """Release the checkpoint lock (the query must be stopped)."""
         self.lock.release()
 
-
-class _delta_txn:
-    """Session settings that make the next Delta write idempotent per (app id, version)."""
-
-    def __init__(self, spark: SparkSession, app_id: str, version: int, user_metadata: str):
-        self.spark, self.app_id, self.version, self.user_metadata = spark, app_id, version, user_metadata
-
-    def __enter__(self):
-        self.spark.conf.set(TXN_APP_ID_CONF, self.app_id)
-        self.spark.conf.set(TXN_VERSION_CONF, str(self.version))
-        self.spark.conf.set(USER_METADATA_CONF, self.user_metadata)
-
-    def __exit__(self, *exc_info):
-        for key in (TXN_APP_ID_CONF, TXN_VERSION_CONF, USER_METADATA_CONF):
-            self.spark.conf.unset(key)
 
 
 def _hide_stop_requested(record: logging.LogRecord) -> bool:

@@ -64,10 +64,9 @@ def write_catalog(spark: SparkSession, config: Config, rows: list) -> DataFrame:
     path = config.lake.table(ITEMS_TABLE)
     items.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(path)
 
-    import redis
+    from jobs.lib.redis_writer import connect
 
-    client = redis.Redis(host=config.redis.host, port=config.redis.port, password=config.redis.password or None,
-                         socket_timeout=30)
+    client = connect(config.redis)
     pipeline = client.pipeline(transaction=False)
     for item_id, title, genres in rows:
         pipeline.hset(catalog_key(config.redis.key_prefix, item_id), mapping={"title": title, "genres": "|".join(genres)})

@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import redis
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -27,6 +26,7 @@ from jobs import bronze
 from jobs import features as transforms
 from jobs.backfill import HISTORY_TABLES
 from jobs.items import ITEMS_TABLE
+from jobs.lib.redis_writer import connect
 from jobs.lib.session import build_spark
 from reccore.config import Config, load_config
 from reccore.features import FeatureSet, load_feature_set
@@ -98,8 +98,7 @@ def compare_redis(latest: DataFrame, config: Config, feature_set: FeatureSet, en
     """Compare each entity's Redis vector and stamp with its newest recomputed row."""
     names = feature_set.names(entity)
     layout = KeyLayout(config.redis.key_prefix, feature_set.version)
-    client = redis.Redis(host=config.redis.host, port=config.redis.port, password=config.redis.password or None,
-                         socket_timeout=30)
+    client = connect(config.redis)
     rows = latest.select("entity_id", "event_time", "events_counted", *names).collect()
     for start in range(0, len(rows), 1000):
         chunk = rows[start:start + 1000]

@@ -130,7 +130,7 @@ def select(records: list, time_of, start_ms: Optional[int], end_ms: Optional[int
 
 
 class Publisher:
-    """A confluent-kafka producer that counts deliveries and failures."""
+    """Publish to one topic with confluent-kafka, counting deliveries and failures."""
 
     def __init__(self, settings: dict, topic: str):
         from confluent_kafka import Producer
@@ -139,7 +139,7 @@ class Publisher:
         self.delivered = 0
         self.failed = 0
         self.first_error: Optional[str] = None
-        # librdkafka's own log goes through logging; its retries while a fresh broker loads its
+        # librdkafka's own log goes through logging. Its retries while a fresh broker loads its
         # coordinator are routine, and a real failure reaches the delivery callback and the exit code.
         client_log = logging.getLogger("jobs.replay.librdkafka")
         client_log.setLevel(logging.ERROR)

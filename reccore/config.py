@@ -130,8 +130,8 @@ class IngestConfig:
     fail_on_data_loss: bool = True
     # An event older than the newest event time seen so far by this much counts as late.
     late_threshold_seconds: int = 600
-    # Which part of bronze the dedup merge compares a batch with: "event_month" reads only the
-    # months the batch touches (a copy of an event has the same event time, so the same month);
+    # The part of bronze the dedup merge compares a batch with. "event_month" reads only the months
+    # the batch touches, because a copy of an event has the same event time and so the same month.
     # "table" reads every event id in bronze, at a cost that grows with the table.
     dedup_scope: str = "event_month"
     write_retries: int = 5

@@ -1,1 +1,1 @@
-"""The scorer (Flask). It stands on reccore only and installs without pyspark."""
+"""The scorer (Flask). It depends on reccore only and installs without pyspark."""

@@ -150,6 +150,12 @@ class FeatureWriter:
         return written, kept
 
 
+def connect(redis_config, socket_timeout_s: float = 30.0) -> redis.Redis:
+    """Return a client for the configured Redis (a RedisConfig: host, port, password)."""
+    return redis.Redis(host=redis_config.host, port=redis_config.port, password=redis_config.password or None,
+                       socket_timeout=socket_timeout_s)
+
+
 def read_stamp(client: redis.Redis, layout: KeyLayout, entity: str, entity_id: str) -> Optional[Stamp]:
     """Return the stored stamp of an entity, or None when Redis has no values for it."""
     newest, counted, ingest = client.hmget(layout.fields(entity, entity_id), *STAMP_FIELDS)

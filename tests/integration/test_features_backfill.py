@@ -61,7 +61,8 @@ def test_backfill_movielens(backfilled, spark, ratings_by_entity):
     users, items = ratings_by_entity
     layout = KeyLayout(config.redis.key_prefix, feature_set.version)
     assert result.events == 100_836
-    assert len(users) == 610 and len(items) == 9_724
+    assert len(users) == 610
+    assert len(items) == 9_724
 
     # Every user and every rated movie has its vector in Redis.
     user_keys = client.mget([layout.vector("user", user) for user in users])

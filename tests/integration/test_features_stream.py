@@ -259,7 +259,7 @@ def test_redis_down_during_batch_recovers(spark, world, kafka_settings, tmp_path
         assert not runner.is_alive()
         assert outcome["code"] == 0
 
-        # Delta holds every tile and history row once, and Redis matches a batch recomputation.
+        # Delta has every tile and history row once, and Redis matches a batch recomputation.
         for entity in ("user", "item"):
             for path in (TILE_TABLES[entity], HISTORY_TABLES[entity]):
                 frame = spark.read.format("delta").load(config.lake.table(path))

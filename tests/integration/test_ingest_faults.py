@@ -95,7 +95,7 @@ def test_exit_between_delta_and_checkpoint_commit(spark, fault_env, kafka_settin
 
     restart = IngestRun(env, tmp_path / "restart.log", "--trigger", "available_now")
     assert restart.wait(300) == 0, restart.log_text()[-4000:]
-    assert "batch 2: bronze already holds this batch" in restart.log_text()
+    assert "batch 2: already in bronze" in restart.log_text()
     assert_exactly_once(spark, root, {f"x-{n}" for n in range(300)}, expected_bad=2)
 
 
@@ -142,7 +142,7 @@ def test_sigterm_stops_after_committed_batch(spark, fault_env, kafka_settings, t
     assert run.wait(180) == 0, run.log_text()[-4000:]
     assert "stopping after the current micro-batch" in run.log_text()
 
-    # Whatever the job wrote belongs to committed batches: bronze holds exactly the events up to
+    # Whatever the job wrote belongs to committed batches: bronze contains exactly the events up to
     # the last committed offsets. A batch planned after the signal wrote nothing.
     committed = reader.last_committed_batch()
     end = reader.end_offsets(committed)[topic]

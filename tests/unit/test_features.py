@@ -101,7 +101,8 @@ def test_pack_round_trip():
     read_stamp, values = unpack(packed, 4)
     assert read_stamp == stamp
     assert values[0] == 1.0
-    assert math.isnan(values[1]) and math.isnan(values[3])
+    assert math.isnan(values[1])
+    assert math.isnan(values[3])
     assert values[2] == pytest.approx(0.1, rel=1e-7)
     assert values[2] != 0.1, "values are stored as float32"
 

@@ -44,7 +44,8 @@ def test_repeat_gives_new_ids():
     rows = movielens_events(DEFAULT_RATINGS, repeat=3)[:3]
     ids = [json.loads(movielens_record(*row).value)["event_id"] for row in rows]
     assert len(set(ids)) == 3
-    assert ids[1].endswith("-r1") and ids[2].endswith("-r2")
+    assert ids[1].endswith("-r1")
+    assert ids[2].endswith("-r2")
 
 
 def test_fraction_and_complement(ratings):

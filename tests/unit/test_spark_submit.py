@@ -36,7 +36,8 @@ def test_dry_run_command():
     command = result.stdout
     assert "/.venv/bin/spark-submit" in command
     assert "--master local\\[2\\]" in command
-    assert "delta-spark_" in command and "spark-sql-kafka-0-10_" in command
+    assert "delta-spark_" in command
+    assert "spark-sql-kafka-0-10_" in command
     assert "--py-files" in command
     assert "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension" in command
     assert "spark.sql.session.timeZone=UTC" in command
