@@ -5,7 +5,8 @@
 Starts a redis-server of its own on a free loopback port, with no persistence and a 6 GB limit,
 because a million entities with their readable hashes take about 2 GB, more than the local stack
 allows. Then it writes ``--entities`` user entities with the full user feature set through the versioned Lua writer
-(FeatureWriter, 100 entities per call, pipelined) from ``--processes`` processes at once, then
+(FeatureWriter, 100 entities per call, pipelined) from ``--processes`` processes at once, once with
+the readable hash and once with vectors only (``redis.readable_hash: false``), then
 runs redis-benchmark's SET with a payload the size of one packed entity, pipelined 16 deep, on the
 same server. Prints ``name: value`` lines.
 """
@@ -31,9 +32,10 @@ from reccore.store import KeyLayout, Stamp, pack
 
 
 def write_share(args: tuple) -> float:
-    host, port, prefix, version, names, start, stop, ttl_seconds = args
+    host, port, prefix, version, names, start, stop, ttl_seconds, readable_hash = args
     client = redis.Redis(host=host, port=port, socket_timeout=60)
-    writer = FeatureWriter(client, KeyLayout(prefix, version), "user", names, ttl_seconds, entities_per_call=100)
+    writer = FeatureWriter(client, KeyLayout(prefix, version), "user", names, ttl_seconds, entities_per_call=100,
+                           readable_hash=readable_hash)
     generator = random.Random(start)
     entities = (EntityValues(str(number), Stamp(1_700_000_000_000 + number, 10, 1_700_000_000_000),
                              [generator.random() for _ in names]) for number in range(start, stop))
@@ -85,19 +87,18 @@ def run(args: argparse.Namespace, port: int) -> int:
     config = load_config("local", overrides={"redis.port": port, "redis.host": "127.0.0.1"})
     feature_set = load_feature_set()
     names = feature_set.names("user")
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    share = math.ceil(args.entities / args.processes)
-    tasks = [(config.redis.host, config.redis.port, prefix, feature_set.version, names, start,
-              min(args.entities, start + share), 3600) for start in range(0, args.entities, share)]
-
-    began = time.monotonic()
-    with multiprocessing.Pool(len(tasks)) as pool:
-        pool.map(write_share, tasks)
-    elapsed = time.monotonic() - began
-
-    client = redis.Redis(host=config.redis.host, port=config.redis.port, socket_timeout=60)
-    for key_batch in _batches(client.scan_iter(f"{prefix}:*", count=10000), 10000):
-        client.delete(*key_batch)
+    rates = {}
+    for readable_hash in (True, False):
+        prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        share = math.ceil(args.entities / args.processes)
+        tasks = [(config.redis.host, config.redis.port, prefix, feature_set.version, names, start,
+                  min(args.entities, start + share), 3600, readable_hash) for start in range(0, args.entities, share)]
+        began = time.monotonic()
+        with multiprocessing.Pool(len(tasks)) as pool:
+            pool.map(write_share, tasks)
+        rates[readable_hash] = args.entities / (time.monotonic() - began)
+        client = redis.Redis(host=config.redis.host, port=config.redis.port, socket_timeout=60)
+        client.flushdb()
 
     payload = len(pack(Stamp(0, 0), [0.0] * len(names)))
     output = subprocess.run(["redis-benchmark", "-h", config.redis.host, "-p", str(config.redis.port), "-t", "set",
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace, port: int) -> int:
         raise RuntimeError(f"could not read redis-benchmark's output: {output[-500:]}")
     set_per_s = float(match.group(1))
 
-    writes_per_s = args.entities / elapsed
+    writes_per_s, vector_only_per_s = rates[True], rates[False]
     sys.stdout.write("\n".join([
         f"redis_feature_entities: {args.entities}",
         f"redis_feature_processes: {args.processes}",
@@ -116,19 +117,10 @@ def run(args: argparse.Namespace, port: int) -> int:
         f"redis_feature_writes_per_s: {writes_per_s:.0f}",
         f"redis_benchmark_set_per_s: {set_per_s:.0f}",
         f"redis_write_vs_benchmark_ratio: {writes_per_s / set_per_s:.3f}",
+        f"redis_feature_writes_per_s_vector_only: {vector_only_per_s:.0f}",
+        f"redis_write_vs_benchmark_ratio_vector_only: {vector_only_per_s / set_per_s:.3f}",
     ]) + "\n")
     return 0
-
-
-def _batches(iterable, size):
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 if __name__ == "__main__":

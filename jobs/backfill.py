@@ -71,7 +71,7 @@ def _write_entities(rows, config: Config, feature_set: FeatureSet, entity: str, 
     client = connect(config.redis)
     names = feature_set.names(entity)
     writer = FeatureWriter(client, KeyLayout(config.redis.key_prefix, feature_set.version), entity, names,
-                           config.redis.ttl_seconds)
+                           config.redis.ttl_seconds, readable_hash=config.redis.readable_hash)
     batch = (EntityValues(row["entity_id"],
                           Stamp(int(row["event_time"].replace(tzinfo=timezone.utc).timestamp() * 1000),
                                 int(row["events_counted"]),
@@ -91,32 +91,53 @@ def seed_redis(latest: DataFrame, config: Config, feature_set: FeatureSet, entit
     return sum(result[0] for result in results), sum(result[1] for result in results)
 
 
-def _write_sets(events: DataFrame, config: Config, feature_set: FeatureSet, as_of_ms: int) -> None:
-    """Replace the popularity sorted sets and add each user's consumed items."""
+def write_popularity(spark: SparkSession, config: Config, feature_set: FeatureSet, as_of_ms: int) -> bool:
+    """Replace the popularity sorted sets from the stored item tiles, as of ``as_of_ms``; return whether replaced.
+
+    Kept when Redis holds popularity as of a later event time (a backfill of an older range).
+    """
+    from jobs.lib.redis_writer import connect, replace_popularity
+
+    first_month = datetime.fromtimestamp((as_of_ms - feature_set.longest_window_seconds * 1000) / 1000,
+                                         timezone.utc).strftime("%Y-%m")
+    item_tiles = (spark.read.format("delta").load(config.lake.table(TILE_TABLES["item"]))
+                  .where(F.col("event_month") >= first_month))
+    rows = transforms.popularity_from_tiles(item_tiles, as_of_ms, feature_set).collect()
+    counts = {window: {row["entity_id"]: row[window] for row in rows if row[window]} for window in feature_set.windows}
+    client = connect(config.redis)
+    try:
+        replaced = replace_popularity(client, KeyLayout(config.redis.key_prefix, feature_set.version), as_of_ms,
+                                      counts, config.redis.ttl_seconds)
+    finally:
+        client.close()
+    log.info("popularity as of %d: %d items in the longest window, %s", as_of_ms, len(rows),
+             "replaced" if replaced else "kept (Redis holds a later one)")
+    return replaced
+
+
+def write_consumed(events: DataFrame, config: Config, feature_set: FeatureSet) -> int:
+    """Add each user's items in ``events`` to their consumed set; return the number of users."""
+    from jobs.lib.redis_writer import add_consumed, connect
+
+    rows = events.groupBy("user_id").agg(F.collect_set("item_id").alias("items")).collect()
+    client = connect(config.redis)
+    try:
+        add_consumed(client, KeyLayout(config.redis.key_prefix, feature_set.version),
+                     {row["user_id"]: row["items"] for row in rows}, config.redis.ttl_seconds)
+    finally:
+        client.close()
+    return len(rows)
+
+
+def write_manifest(config: Config, feature_set: FeatureSet) -> None:
     from jobs.lib.redis_writer import connect
 
-    layout = KeyLayout(config.redis.key_prefix, feature_set.version)
     client = connect(config.redis)
-    popularity = transforms.popularity_as_of(events, as_of_ms, feature_set).collect()
-    pipeline = client.pipeline(transaction=True)
-    for window in feature_set.windows:
-        members = {row["item_id"]: row[window] for row in popularity if row[window]}
-        pipeline.delete(layout.popularity(window))
-        if members:
-            pipeline.zadd(layout.popularity(window), members)
-    pipeline.execute()
-
-    consumed = events.groupBy("user_id").agg(F.collect_set("item_id").alias("items")).collect()
-    pipeline = client.pipeline(transaction=False)
-    for row in consumed:
-        pipeline.sadd(layout.consumed(row["user_id"]), *row["items"])
-        pipeline.expire(layout.consumed(row["user_id"]), config.redis.ttl_seconds)
-    pipeline.set(layout.manifest(), json.dumps(feature_set.manifest(), sort_keys=True))
-    replies = pipeline.execute(raise_on_error=False)
-    failed = [reply for reply in replies if isinstance(reply, Exception)]
-    if failed:
-        raise RuntimeError(f"Redis rejected {len(failed)} writes of consumed items or the manifest: {failed[0]}")
-    client.close()
+    try:
+        client.set(KeyLayout(config.redis.key_prefix, feature_set.version).manifest(),
+                   json.dumps(feature_set.manifest(), sort_keys=True))
+    finally:
+        client.close()
 
 
 def run_backfill(spark: SparkSession, config: Config, feature_set: FeatureSet,
@@ -161,7 +182,9 @@ def run_backfill(spark: SparkSession, config: Config, feature_set: FeatureSet,
 
     as_of_ms = events.agg(F.max("event_ms")).first()[0]
     if as_of_ms is not None:
-        _write_sets(events, config, feature_set, as_of_ms)
+        write_popularity(spark, config, feature_set, as_of_ms)
+        write_consumed(events, config, feature_set)
+    write_manifest(config, feature_set)
     events.unpersist()
 
     state = spark.createDataFrame(

@@ -147,10 +147,15 @@ def latest_per_entity(history: DataFrame) -> DataFrame:
     return history.withColumn("_rank", F.row_number().over(newest)).where("_rank = 1").drop("_rank")
 
 
-def popularity_as_of(events: DataFrame, as_of_ms: int, feature_set: FeatureSet) -> DataFrame:
-    """Return item_id and one event count per window ending at ``as_of_ms`` (for the popularity sets)."""
-    counts = [F.sum(F.when(F.col("event_ms") > as_of_ms - seconds * 1000, 1).otherwise(0)).alias(name)
+def popularity_from_tiles(item_tiles: DataFrame, as_of_ms: int, feature_set: FeatureSet) -> DataFrame:
+    """Return entity_id (the item) and its event count per window ending at ``as_of_ms``.
+
+    Windows are over tiles, like every windowed feature: the tiles in (t - w, t] with t the second
+    of ``as_of_ms``. Items without events in the longest window are left out.
+    """
+    as_of_s = as_of_ms // 1000
+    counts = [F.sum(F.when(F.col("bucket_s") > as_of_s - seconds, F.col("n_events")).otherwise(0)).alias(name)
               for name, seconds in feature_set.windows.items()]
-    longest_ms = feature_set.longest_window_seconds * 1000
-    return (events.where((F.col("event_ms") <= as_of_ms) & (F.col("event_ms") > as_of_ms - longest_ms))
-            .groupBy("item_id").agg(*counts))
+    return (item_tiles.where((F.col("bucket_s") <= as_of_s)
+                             & (F.col("bucket_s") > as_of_s - feature_set.longest_window_seconds))
+            .groupBy("entity_id").agg(*counts))

@@ -12,7 +12,12 @@ Reads bronze as a Delta stream from the version after the last backfill. Per mic
    so a replayed batch adds nothing twice);
 3. for the entities the batch touched, features are recomputed from their stored tiles for every
    tile from the earliest one the batch changed, and upserted into the history tables;
-4. each touched entity's newest values go to Redis through the versioned writer.
+4. each touched entity's newest values go to Redis through the versioned writer; each user's
+   consumed items are added to their set, and the popularity sorted sets are recomputed from the
+   item tiles as of the stream's event-time clock.
+
+Counts and timings are logged once per batch and exported as Prometheus metrics
+(``features.metrics_port``). SIGTERM stops the query between micro-batches.
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ from pyspark.sql.streaming import StreamingQuery
 
 from jobs import bronze
 from jobs import features as transforms
-from jobs.backfill import HISTORY_TABLES, STATE_TABLE, TILE_TABLES, seed_redis
+from jobs.backfill import HISTORY_TABLES, STATE_TABLE, TILE_TABLES, seed_redis, write_consumed, write_popularity
 from jobs.items import ITEMS_TABLE
 from jobs.lib.checkpoint import CheckpointLock, CheckpointReader
+from jobs.lib.metrics import FeaturesMetrics, features_metrics, serve_metrics
 from jobs.lib.session import build_spark
 from jobs.lib.streaming import TRIGGERS, delta_transaction, with_trigger
 from reccore.config import Config, load_config, log_config
@@ -60,7 +66,12 @@ class FeatureBatchResult:
     redis_written: dict = field(default_factory=dict)
     redis_kept: dict = field(default_factory=dict)
     watermark_ms: Optional[int] = None
+    clock_ms: Optional[int] = None
     duration_s: float = 0.0
+
+
+class StopRequested(RuntimeError):
+    """Raised at the start of a micro-batch after SIGTERM/SIGINT, before it writes anything."""
 
 
 class FeaturesStream:
@@ -69,7 +80,7 @@ class FeaturesStream:
     def __init__(self, spark: SparkSession, config: Config, feature_set: FeatureSet,
                  watermark_seconds: int = 600, trigger: str = "processing_time",
                  trigger_interval_seconds: float = 5.0, max_files_per_trigger: Optional[int] = None,
-                 checkpoint: Optional[str] = None):
+                 checkpoint: Optional[str] = None, metrics: Optional[FeaturesMetrics] = None):
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger {trigger!r} is invalid; use one of {TRIGGERS}")
         self.spark = spark
@@ -89,6 +100,7 @@ class FeaturesStream:
         self._app_id: Optional[str] = None
         self._items: Optional[DataFrame] = None
         self.restarts = 0
+        self.metrics = metrics or features_metrics()
 
     def starting_version(self) -> int:
         """Return the bronze version after the last backfill; raise when no backfill ran."""
@@ -145,6 +157,10 @@ class FeaturesStream:
 
     def process_batch(self, batch_df: DataFrame, batch_id: int) -> None:
         """Fold one micro-batch of bronze events into tiles, history and Redis."""
+        if self.stop_requested.is_set():
+            # A normal return would make Spark commit this batch without its writes; the batch is
+            # planned but untouched, and a restart runs it.
+            raise StopRequested(f"stop requested: batch {batch_id} was not started and runs after the restart")
         started = time.monotonic()
         result = FeatureBatchResult(batch_id=batch_id)
         app_id = self._txn_app_id()
@@ -153,19 +169,42 @@ class FeaturesStream:
             watermark = self._batch_watermark_ms(batch_id)
             result.watermark_ms = watermark
             late = F.col("event_ms") < F.lit(watermark) if watermark is not None else F.lit(False)
-            row = events.agg(F.count(F.lit(1)).alias("events"), F.sum(F.when(late, 1).otherwise(0)).alias("late")).first()
+            row = events.agg(F.count(F.lit(1)).alias("events"), F.sum(F.when(late, 1).otherwise(0)).alias("late"),
+                             F.max(F.when(~late, F.col("event_ms"))).alias("newest_on_time")).first()
             result.events, result.late = row["events"], row["late"] or 0
             on_time = events.where(~late)
             if result.events > result.late:
                 for entity in ("user", "item"):
                     self._fold_entity(on_time, entity, app_id, batch_id, result)
+                # The event-time clock: the newest on-time event seen, which the watermark trails.
+                previous = watermark + self.watermark_ms if watermark is not None else None
+                result.clock_ms = max(value for value in (previous, row["newest_on_time"]) if value is not None)
+                write_popularity(self.spark, self.config, self.feature_set, result.clock_ms)
+            if result.events:
+                # A late event was still consumed: the user's set includes it at once.
+                write_consumed(events, self.config, self.feature_set)
         finally:
             events.unpersist()
         result.duration_s = time.monotonic() - started
         self.results.append(result)
+        self._export(result)
         log.info("features batch %d: %d events, %d late (watermark %s), touched %s, Redis written %s kept %s, %.2f s",
                  batch_id, result.events, result.late, result.watermark_ms, result.touched, result.redis_written,
                  result.redis_kept, result.duration_s)
+
+    def _export(self, result: FeatureBatchResult) -> None:
+        metrics = self.metrics
+        metrics.batches.inc()
+        metrics.events.inc(result.events)
+        metrics.late_events.inc(result.late)
+        for entity, count in result.redis_written.items():
+            metrics.entities_written.labels(entity).inc(count)
+        for entity, count in result.redis_kept.items():
+            metrics.entities_kept.labels(entity).inc(count)
+        metrics.batch_duration.observe(result.duration_s)
+        metrics.last_redis_write.set(time.time())
+        if result.clock_ms is not None:
+            metrics.max_event_time.set(result.clock_ms / 1000)
 
     def _fold_entity(self, events: DataFrame, entity: str, app_id: str, batch_id: int,
                      result: FeatureBatchResult) -> None:
@@ -246,9 +285,11 @@ class FeaturesStream:
             finally:
                 self.close()
             error = query.exception()
-            if error is None:
+            if error is None or StopRequested.__name__ in str(error):
                 return 0
 
+            cause = _root_cause(error)
+            self.metrics.batch_failures.labels("redis" if "Redis" in cause else "other").inc()
             failures = 1 if len(self.results) > batches_before else failures + 1
             self.restarts += 1
             if failures > max_restarts:
@@ -256,7 +297,7 @@ class FeaturesStream:
                 return 1
             delay_s = restart_delay_seconds * 2 ** (failures - 1)
             log.warning("features stream failed (%s); restart %d of %d from the checkpoint in %.0f s",
-                        _root_cause(error), failures, max_restarts, delay_s)
+                        cause, failures, max_restarts, delay_s)
             if stop.wait(delay_s):
                 return 0
 
@@ -279,23 +320,34 @@ def _root_cause(error: BaseException) -> str:
     return (lines[-1] if lines else str(error).splitlines()[0])[:300]
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def main(argv: Optional[list[str]] = None, spark: Optional[SparkSession] = None) -> int:
     parser = argparse.ArgumentParser(prog="features-stream", description="Streaming features from bronze.")
     parser.add_argument("--env", default=None, help="config environment (conf/<env>.yaml)")
-    parser.add_argument("--trigger", choices=TRIGGERS, default="processing_time")
-    parser.add_argument("--trigger-interval-seconds", type=float, default=5.0)
-    parser.add_argument("--watermark-seconds", type=int, default=600,
-                        help="events older than the newest event time seen minus this are late")
-    parser.add_argument("--max-restarts", type=int, default=5,
-                        help="consecutive restarts from the checkpoint after a failed micro-batch before giving up")
-    parser.add_argument("--restart-delay-seconds", type=float, default=10.0,
-                        help="delay before the first restart; it doubles with each consecutive failure")
+    parser.add_argument("--trigger", choices=TRIGGERS, default=None, help="default: features.trigger")
+    parser.add_argument("--trigger-interval-seconds", type=float, default=None,
+                        help="default: features.trigger_interval_seconds")
+    parser.add_argument("--watermark-seconds", type=int, default=None,
+                        help="events older than the newest event time seen minus this are late "
+                             "(default: features.watermark_seconds)")
+    parser.add_argument("--max-restarts", type=int, default=None,
+                        help="consecutive restarts from the checkpoint after a failed micro-batch before giving up "
+                             "(default: features.max_restarts)")
+    parser.add_argument("--restart-delay-seconds", type=float, default=None,
+                        help="delay before the first restart; it doubles with each consecutive failure "
+                             "(default: features.restart_delay_seconds)")
     args = parser.parse_args(argv)
     config = load_config(args.env)
+    settings = config.features
     log_config(config, log)
     spark = spark or build_spark(config, "streamrec-features-stream")
-    stream = FeaturesStream(spark, config, load_feature_set(), args.watermark_seconds, args.trigger,
-                            args.trigger_interval_seconds)
+    stream = FeaturesStream(spark, config, load_feature_set(), _given(args.watermark_seconds, settings.watermark_seconds),
+                            _given(args.trigger, settings.trigger),
+                            _given(args.trigger_interval_seconds, settings.trigger_interval_seconds))
+    serve_metrics(settings.metrics_host, settings.metrics_port)
     stop = threading.Event()
 
     def request_stop(signum, _frame):
@@ -305,7 +357,8 @@ def main(argv: Optional[list[str]] = None, spark: Optional[SparkSession] = None)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        return stream.run_supervised(args.max_restarts, args.restart_delay_seconds, stop)
+        return stream.run_supervised(_given(args.max_restarts, settings.max_restarts),
+                                     _given(args.restart_delay_seconds, settings.restart_delay_seconds), stop)
     except FileNotFoundError as error:
         log.error("features stream did not start: %s", error)
         return 2

@@ -3,9 +3,9 @@
     ./spark-submit.sh parity          # exit 0 when Delta history and Redis match the recomputation
 
 Compares, feature by feature, the stored history tables (written by the backfill and the stream)
-with a recomputation over the same bronze events, and each entity's Redis vector with its newest
-recomputed row. Values match when both are missing (NaN) or when they differ by at most
-``TOLERANCE`` relative (1e-6, a few float32 ulps: the stream sums fewer tiles than the batch, so
+with a recomputation over the same bronze events, each entity's Redis vector with its newest
+recomputed row, and the popularity and consumed sets with theirs. Values match when both are
+missing (NaN) or when they differ by at most ``TOLERANCE`` relative (1e-6, a few float32 ulps: the stream sums fewer tiles than the batch, so
 rounding can differ in the last bit). Holds on input with no event beyond the stream's
 watermark; late events are corrected by the next backfill, not by the stream.
 """
@@ -55,11 +55,57 @@ class ParityReport:
         return not (self.missing_rows or self.extra_rows or self.mismatched_values or self.redis_mismatched)
 
 
+def _events(spark: SparkSession, config: Config, feature_set: FeatureSet) -> DataFrame:
+    return transforms.feature_events(spark.read.format("delta").load(config.lake.table(bronze.EVENTS_TABLE)),
+                                     spark.read.format("delta").load(config.lake.table(ITEMS_TABLE)), feature_set)
+
+
 def recompute(spark: SparkSession, config: Config, feature_set: FeatureSet, entity: str) -> DataFrame:
     """Return the feature history of ``entity`` recomputed from all of bronze."""
-    events = transforms.feature_events(spark.read.format("delta").load(config.lake.table(bronze.EVENTS_TABLE)),
-                                       spark.read.format("delta").load(config.lake.table(ITEMS_TABLE)), feature_set)
+    events = _events(spark, config, feature_set)
     return transforms.window_features(transforms.tiles(events, entity, feature_set), entity, feature_set)
+
+
+def compare_sets(spark: SparkSession, config: Config, feature_set: FeatureSet, report: ParityReport) -> None:
+    """Compare the popularity sorted sets and the users' consumed sets with a recomputation from bronze.
+
+    Popularity is recomputed as of the event time Redis says it is as of. Consumed sets hold every
+    event, late ones included, so they must equal bronze exactly.
+    """
+    layout = KeyLayout(config.redis.key_prefix, feature_set.version)
+    client = connect(config.redis)
+    events = _events(spark, config, feature_set)
+    try:
+        as_of = client.get(layout.popularity_as_of())
+        if as_of is None:
+            report.redis_mismatched += 1
+            report.examples.append({"popularity": "missing"})
+        else:
+            item_tiles = transforms.tiles(events, "item", feature_set)
+            rows = transforms.popularity_from_tiles(item_tiles, int(as_of), feature_set).collect()
+            for window in feature_set.windows:
+                expected = {row["entity_id"]: float(row[window]) for row in rows if row[window]}
+                stored = {member.decode(): score
+                          for member, score in client.zrange(layout.popularity(window), 0, -1, withscores=True)}
+                report.redis_checked += 1
+                if stored != expected:
+                    report.redis_mismatched += 1
+                    differing = sorted(set(stored.items()) ^ set(expected.items()))[:3]
+                    report.examples.append({"popularity": window, "differing": differing})
+        consumed = events.groupBy("user_id").agg(F.collect_set("item_id").alias("items")).collect()
+        for start in range(0, len(consumed), 500):
+            chunk = consumed[start:start + 500]
+            pipeline = client.pipeline(transaction=False)
+            for row in chunk:
+                pipeline.smembers(layout.consumed(row["user_id"]))
+            for row, members in zip(chunk, pipeline.execute()):
+                report.redis_checked += 1
+                if {member.decode() for member in members} != set(row["items"]):
+                    report.redis_mismatched += 1
+                    if len(report.examples) < 6:
+                        report.examples.append({"consumed": row["user_id"]})
+    finally:
+        client.close()
 
 
 def _differs(column: str):
@@ -132,6 +178,10 @@ def check(spark: SparkSession, config: Config, feature_set: FeatureSet) -> list[
         expected.unpersist()
         log.info("parity %s: %s", entity, report)
         reports.append(report)
+    report = ParityReport("sets")
+    compare_sets(spark, config, feature_set, report)
+    log.info("parity popularity and consumed sets: %s", report)
+    reports.append(report)
     return reports
 
 

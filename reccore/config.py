@@ -140,6 +140,23 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """The streaming features job: bronze to tiles, feature history and Redis."""
+
+    trigger: str = "processing_time"
+    trigger_interval_seconds: float = 5.0
+    # Events older than the newest event time seen minus this are late: counted, and left to the
+    # next backfill.
+    watermark_seconds: int = 600
+    # Consecutive restarts from the checkpoint after a failed micro-batch before giving up, and the
+    # delay before the first one (it doubles with each consecutive failure).
+    max_restarts: int = 5
+    restart_delay_seconds: float = 10.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9109
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     """Online store connection."""
 
@@ -151,6 +168,9 @@ class RedisConfig:
     # Refreshed on every write; long enough that expiry never removes the last good value while
     # the pipeline is down (staleness is judged at read time).
     ttl_seconds: int = 7_776_000
+    # Also keep each entity's values as a hash of named fields, for people and tools. The scorer
+    # reads only the packed vectors; without the hash a write costs about a third as much.
+    readable_hash: bool = True
 
 
 @dataclass(frozen=True)
@@ -196,6 +216,7 @@ class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     stack: StackConfig = field(default_factory=StackConfig)

@@ -9,6 +9,7 @@ new feature definition never mix with old ones:
     <p>:<v>:user:<id>              hash of the same values by name, plus the stamp fields
     <p>:<v>:item:<id>:vec / <p>:<v>:item:<id>
     <p>:<v>:popularity:<window>    sorted set: item id -> events in the window
+    <p>:<v>:popularity_as_of_ms    event time (ms) the popularity windows end at
     <p>:<v>:consumed:<user id>     set of the item ids the user has interacted with
 
 A packed value is a 24-byte header (three little-endian int64: newest event time in ms, events
@@ -62,6 +63,9 @@ class KeyLayout:
     def popularity(self, window: str) -> str:
         return f"{self.base}:popularity:{window}"
 
+    def popularity_as_of(self) -> str:
+        return f"{self.base}:popularity_as_of_ms"
+
     def consumed(self, user_id: str) -> str:
         return f"{self.base}:consumed:{user_id}"
 
@@ -91,8 +95,12 @@ def unpack(packed: bytes, size: int) -> tuple[Stamp, list[float]]:
 
 
 def readable_fields(names: Iterable[str], values: Sequence[float], stamp: Stamp) -> dict[str, str]:
-    """Return the hash of an entity: each feature by name as its float32 value ('nan' when missing), and the stamp."""
+    """Return the hash of an entity as the writer stores it: each feature by name, and the stamp.
+
+    A value is its float32 printed with 9 significant digits, which reads back as the same float32;
+    'nan' marks a missing value.
+    """
     as_float32 = array("f", (math.nan if value is None else value for value in values))
-    fields = {name: ("nan" if math.isnan(value) else repr(value)) for name, value in zip(names, as_float32)}
+    fields = {name: ("nan" if math.isnan(value) else format(value, ".9g")) for name, value in zip(names, as_float32)}
     fields.update(zip(STAMP_FIELDS, (str(stamp.newest_event_ms), str(stamp.events_counted), str(stamp.ingest_ms))))
     return fields

@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _ingest_metrics = None
+_features_metrics = None
 _servers: dict = {}
 
 
@@ -52,6 +53,39 @@ def ingest_metrics() -> IngestMetrics:
         if _ingest_metrics is None:
             _ingest_metrics = IngestMetrics()
         return _ingest_metrics
+
+
+class FeaturesMetrics:
+    """Counters and gauges of the streaming features job (one set per process)."""
+
+    def __init__(self):
+        self.batches = Counter("streamrec_features_batches_total", "Micro-batches folded into features")
+        self.events = Counter("streamrec_features_events_total", "Bronze events read by the features stream")
+        self.late_events = Counter("streamrec_features_late_events_total",
+                                   "Events older than the batch's watermark: left out of the streamed windows "
+                                   "until the next backfill")
+        self.entities_written = Counter("streamrec_features_redis_entities_written_total",
+                                        "Entities whose values were replaced in Redis", ["entity"])
+        self.entities_kept = Counter("streamrec_features_redis_entities_kept_total",
+                                     "Entities not replaced because Redis held newer values", ["entity"])
+        self.batch_failures = Counter("streamrec_features_batch_failures_total",
+                                      "Micro-batches that failed and were rerun from the checkpoint, by cause "
+                                      "(redis or other)", ["cause"])
+        self.batch_duration = Histogram("streamrec_features_batch_duration_seconds", "Micro-batch duration",
+                                        buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+        self.last_redis_write = Gauge("streamrec_features_last_redis_write_timestamp_seconds",
+                                      "Wall-clock time of the last micro-batch whose Redis writes all succeeded")
+        self.max_event_time = Gauge("streamrec_features_max_event_time_seconds",
+                                    "Newest event time folded into the features (event-time clock)")
+
+
+def features_metrics() -> FeaturesMetrics:
+    """Return the process's features-stream metrics, creating them on first use."""
+    global _features_metrics
+    with _lock:
+        if _features_metrics is None:
+            _features_metrics = FeaturesMetrics()
+        return _features_metrics
 
 
 def serve_metrics(host: str, port: int) -> int:

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from jobs.backfill import run_backfill
 from jobs.features_stream import FeaturesStream
@@ -111,6 +112,7 @@ def test_late_event_counted_then_backfilled(spark, world, kafka_settings):
     run_backfill(spark, config, feature_set)
 
     steps = [("t0", T0_MS), ("t30", T0_MS + 30 * 60_000), ("t1", T0_MS + 60_000), ("t25", T0_MS + 25 * 60_000)]
+    late_metric_before = REGISTRY.get_sample_value("streamrec_features_late_events_total") or 0.0
     late_counts = []
     for event_id, at_ms in steps:
         produce(kafka_settings, topic, [rating(event_id, "u", "i2", at_ms)])
@@ -120,6 +122,11 @@ def test_late_event_counted_then_backfilled(spark, world, kafka_settings):
 
     # t=1 min arrives after t=30 min: 29 minutes late with a 10-minute watermark. t=25 min is 5 late: on time.
     assert late_counts == [0, 0, 1, 0]
+    assert REGISTRY.get_sample_value("streamrec_features_late_events_total") - late_metric_before == 1
+    # The late event is still a consumed item; popularity, like the windows, leaves it to the backfill.
+    assert client.sismember(layout.consumed("u"), "i2")
+    assert int(client.get(layout.popularity_as_of())) == T0_MS + 30 * 60_000
+    assert client.zscore(layout.popularity("1h"), "i2") == 3  # t=0, t=30 and t=25 min
     stamp, values = unpack(client.get(layout.vector("user", "u")), len(names))
     assert values[count_24h] == 3, "the late event must be absent from the streamed windows"
     assert stamp.newest_event_ms == T0_MS + 30 * 60_000
@@ -127,6 +134,7 @@ def test_late_event_counted_then_backfilled(spark, world, kafka_settings):
     run_backfill(spark, config, feature_set)
     stamp, values = unpack(client.get(layout.vector("user", "u")), len(names))
     assert values[count_24h] == 4, "the backfill includes the late event"
+    assert client.zscore(layout.popularity("1h"), "i2") == 4
     assert stamp.newest_event_ms == T0_MS + 30 * 60_000
     assert stamp.events_counted == 4
 
@@ -179,11 +187,18 @@ def test_older_backfill_keeps_fresher_values(spark, world, kafka_settings):
     ingest(spark, config)
     stream_once(spark, config, watermark_seconds=86_400)
     streamed = client.get(layout.vector("user", "u"))
+    popularity = {window: client.zrange(layout.popularity(window), 0, -1, withscores=True)
+                  for window in feature_set.windows}
+    assert int(client.get(layout.popularity_as_of())) == T0_MS + 2000
+    assert dict(popularity["1h"]) == {b"i0": 1.0, b"i1": 1.0, b"i2": 1.0}
 
     # Rebuild only the older days: the stream's fresher values for "u" stay as they are.
     run_backfill(spark, config, feature_set, start_ms=T0_MS - 6 * 86_400_000, end_ms=T0_MS - 86_400_000)
 
     assert client.get(layout.vector("user", "u")) == streamed
+    assert int(client.get(layout.popularity_as_of())) == T0_MS + 2000
+    assert {window: client.zrange(layout.popularity(window), 0, -1, withscores=True)
+            for window in feature_set.windows} == popularity
     stamp, _ = unpack(streamed, len(feature_set.names("user")))
     assert stamp.newest_event_ms == T0_MS + 2000
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
+
+import random
 import socket
 import uuid
 
@@ -9,7 +12,7 @@ import pytest
 import redis
 
 from jobs.lib.redis_writer import EntityValues, FeatureWriter, RedisWriteError, read_stamp
-from reccore.store import KeyLayout, Stamp, unpack
+from reccore.store import KeyLayout, Stamp, readable_fields, unpack
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +81,7 @@ def test_tie_goes_to_backfill(client, layout):
 
     assert feature_writer.write([EntityValues("u", Stamp(2000, 5), [9, 9.0, 0.9])], backfill=False) == (0, 1)
     assert feature_writer.write([EntityValues("u", Stamp(2000, 5), [5, 3.0, 0.6])], backfill=True) == (1, 0)
-    assert client.hget(layout.fields("user", "u"), "rating_mean_30d_user") == b"3.0"
+    assert client.hget(layout.fields("user", "u"), "rating_mean_30d_user") == b"3"
 
 
 def test_replayed_write_same_state(client, layout):
@@ -103,6 +106,37 @@ def test_rejected_reply_names_entity(client, layout):
     batch = [EntityValues("broken", Stamp(1, 1), [1, 1.0, 1.0])]
     with pytest.raises(RedisWriteError, match="first id broken"):
         writer(client, layout).write(batch)
+    # Nothing of the entity was written: its vector is still absent.
+    assert client.get(layout.vector("user", "broken")) is None
+
+
+def test_hash_formatted_on_server_reads_back_as_float32(client, layout):
+    generator = random.Random(7)
+    stamp = Stamp(1537799250123, 987654, 1796416765456)
+    batch = []
+    for number in range(200):
+        values = [generator.choice([None, 0.0, generator.randint(0, 10**6), generator.uniform(-1e6, 1e6),
+                                    generator.uniform(0, 1e-6)]) for _ in NAMES]
+        batch.append(EntityValues(f"r{number}", stamp, values))
+    assert writer(client, layout).write(batch) == (200, 0)
+    for entity in batch:
+        stored = {key.decode(): value.decode() for key, value in client.hgetall(layout.fields("user", entity.entity_id)).items()}
+        assert stored == readable_fields(NAMES, entity.values, stamp), entity
+        _, vector = unpack(client.get(layout.vector("user", entity.entity_id)), len(NAMES))
+        for name, value in zip(NAMES, vector):
+            if value != value:
+                assert stored[name] == "nan"
+            else:
+                assert array("f", [float(stored[name])])[0] == value, (name, stored[name], value)
+
+
+def test_without_readable_hash_only_vectors(client, layout):
+    feature_writer = writer(client, layout, readable_hash=False)
+    assert feature_writer.write([EntityValues("v", Stamp(2000, 5), [5, 4.0, 0.8])]) == (1, 0)
+    assert client.exists(layout.fields("user", "v")) == 0
+    assert read_stamp(client, layout, "user", "v") == Stamp(2000, 5)
+    assert feature_writer.write([EntityValues("v", Stamp(1000, 9), [9, 1.0, 0.1])]) == (0, 1)
+    assert unpack(client.get(layout.vector("user", "v")), len(NAMES))[1][0] == 5.0
 
 
 def test_wrong_value_count_rejected(client, layout):

@@ -1,6 +1,7 @@
 """Feature definitions and the online-store format (no services)."""
 
 import math
+from array import array
 import re
 
 import pytest
@@ -116,7 +117,8 @@ def test_readable_fields_match_vector():
     stamp = Stamp(10, 2, 3)
     fields = readable_fields(["a_user", "b_user"], [0.1, None], stamp)
     _, values = unpack(pack(stamp, [0.1, None]), 2)
-    assert float(fields["a_user"]) == values[0]
+    assert fields["a_user"] == "0.100000001"
+    assert array("f", [float(fields["a_user"])])[0] == values[0]
     assert fields["b_user"] == "nan"
     assert (fields["_newest_event_ms"], fields["_events_counted"], fields["_ingest_ms"]) == ("10", "2", "3")
 
