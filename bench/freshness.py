@@ -95,9 +95,10 @@ def poll_visibility(client: redis.Redis, layout: KeyLayout, producer: Producer, 
     seen = 0
     keys = [layout.vector("user", user) for user in producer.users]
     while not stop.is_set() or any(pending.values()):
-        for user, at_ms, sent_at in producer.sent[seen:]:
+        new = producer.sent[seen:]  # the producer appends meanwhile: count exactly what was taken
+        seen += len(new)
+        for user, at_ms, sent_at in new:
             pending[user].append((at_ms, sent_at))
-        seen = len(producer.sent)
         headers = client.mget(keys)
         now = time.time()
         for user, packed in zip(producer.users, headers):
@@ -113,6 +114,12 @@ def poll_visibility(client: redis.Redis, layout: KeyLayout, producer: Producer, 
         time.sleep(0.1)
 
 
+def percentile(seen: list[float], total: int, fraction: float) -> str:
+    """Return the ``fraction`` quantile over ``total`` events, counting unseen ones as slower than any seen."""
+    index = min(total - 1, int(total * fraction))
+    return f"{seen[index]:.2f}" if index < len(seen) else "never (events not visible by the end)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=1000, help="events produced per second")
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-seconds", type=float, default=40.0, help="events sent earlier are not measured")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--trigger-interval-seconds", type=float, default=1.0)
+    parser.add_argument("--drain-seconds", type=float, default=120.0,
+                        help="how long to wait after the last send for events to become visible")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -158,19 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     ingest = IngestJob(spark, live)
     stream = FeaturesStream(spark, live, feature_set, watermark_seconds=600, trigger="processing_time",
                             trigger_interval_seconds=args.trigger_interval_seconds)
-    ingest.start()
-    stream.start()
     client = redis.Redis(host=config.redis.host, port=config.redis.port, socket_timeout=30)
     producer = Producer(config, topic, users, items, args.rate, args.seconds)
     latencies: list[tuple[float, float]] = []
     stop = threading.Event()
     poller = threading.Thread(target=poll_visibility,
                               args=(client, KeyLayout(prefix, feature_set.version), producer, stop, latencies))
+    ingest.start()
     began = time.time()
     producer.start()
     poller.start()
+    log.info("producing %d events/s for %.0f s", args.rate, args.seconds)
+    stream.start()  # waits for the ingest job's first commit after the backfill
+    log.info("features stream running")
     producer.join()
-    stop.deadline = time.time() + 120  # type: ignore[attr-defined]
+    log.info("producer done: %d events in %.0f s", len(producer.sent), time.time() - began)
+    stop.deadline = time.time() + args.drain_seconds  # type: ignore[attr-defined]
     stop.set()
     poller.join()
     ingest.stop_gracefully()
@@ -180,18 +192,21 @@ def main(argv: list[str] | None = None) -> int:
 
     measured = sorted(latency for sent_at, latency in latencies if sent_at >= began + args.warmup_seconds)
     total_measured = sum(1 for _user, _at, sent_at in producer.sent if sent_at >= began + args.warmup_seconds)
-    if len(measured) < total_measured:
-        raise RuntimeError(f"{total_measured - len(measured)} of {total_measured} measured events never became "
-                           "visible in Redis within 120 s of the end")
+    unseen = total_measured - len(measured)
+    if unseen:
+        # Not visible within --drain-seconds of the last send: the stream fell behind the rate.
+        log.warning("%d of %d measured events were not visible in Redis %.0f s after the last send", unseen,
+                    total_measured, args.drain_seconds)
     ingest_batches = [result.duration_s for result in ingest.results]
     feature_batches = [result.duration_s for result in stream.results]
     lines = [
         f"freshness_events: {len(producer.sent)}",
         f"freshness_rate_per_s: {len(producer.sent) / args.seconds:.0f}",
-        f"freshness_measured_events: {len(measured)}",
-        f"freshness_p50_s: {measured[len(measured) // 2]:.2f}",
-        f"freshness_p95_s: {measured[int(len(measured) * 0.95)]:.2f}",
-        f"freshness_max_s: {measured[-1]:.2f}",
+        f"freshness_measured_events: {total_measured}",
+        f"freshness_unseen_events: {unseen}",
+        f"freshness_p50_s: {percentile(measured, total_measured, 0.50)}",
+        f"freshness_p95_s: {percentile(measured, total_measured, 0.95)}",
+        f"freshness_max_s: {percentile(measured, total_measured, 1.0)}",
         f"freshness_ingest_batch_median_s: {statistics.median(ingest_batches):.2f}",
         f"freshness_features_batch_median_s: {statistics.median(feature_batches):.2f}",
     ]

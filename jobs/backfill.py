@@ -116,7 +116,7 @@ def write_popularity(spark: SparkSession, config: Config, feature_set: FeatureSe
 
 
 def write_consumed(events: DataFrame, config: Config, feature_set: FeatureSet) -> int:
-    """Add each user's items in ``events`` to their consumed set; return the number of users."""
+    """Add each user's items in ``events`` to their consumed set and return the number of users."""
     from jobs.lib.redis_writer import add_consumed, connect
 
     rows = events.groupBy("user_id").agg(F.collect_set("item_id").alias("items")).collect()

@@ -11,8 +11,9 @@ Reads bronze as a Delta stream from the version after the last backfill. Per mic
 2. the batch's tiles are added into the tile tables (MERGE, under the batch's Delta transaction id,
    so a replayed batch adds nothing twice);
 3. for the entities the batch touched, features are recomputed from their stored tiles for every
-   tile from the earliest one the batch changed, and upserted into the history tables;
-4. each touched entity's newest values go to Redis through the versioned writer; each user's
+   tile from the earliest one the batch changed;
+4. each touched entity's newest values go to Redis through the versioned writer, then the
+   recomputed rows are upserted into the history tables (Redis first, for freshness); each user's
    consumed items are added to their set, and the popularity sorted sets are recomputed from the
    item tiles as of the stream's event-time clock.
 
@@ -68,6 +69,13 @@ class FeatureBatchResult:
     watermark_ms: Optional[int] = None
     clock_ms: Optional[int] = None
     duration_s: float = 0.0
+    steps_s: dict = field(default_factory=dict)
+
+    def step(self, name: str, since: float) -> float:
+        """Record the seconds since ``since`` as step ``name`` and return the current time."""
+        now = time.monotonic()
+        self.steps_s[name] = round(now - since, 2)
+        return now
 
 
 class StopRequested(RuntimeError):
@@ -84,6 +92,7 @@ class FeaturesStream:
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger {trigger!r} is invalid; use one of {TRIGGERS}")
         self.spark = spark
+        self.batch_spark = spark
         self.config = config
         self.feature_set = feature_set
         self.watermark_ms = watermark_seconds * 1000
@@ -122,6 +131,10 @@ class FeaturesStream:
         self.lock.acquire()
         try:
             version = self.starting_version()
+            if not self.reader.list_batches("offsets"):
+                self._wait_for_version(version)
+            if self.stop_requested.is_set():
+                raise StopRequested("stop requested before the features stream started")
             self._items = self.spark.read.format("delta").load(self.config.lake.table(ITEMS_TABLE))
             reader = (self.spark.readStream.format("delta").option("startingVersion", version)
                       # Only the ingest job's inserts land in bronze; a compaction would be skipped.
@@ -139,6 +152,24 @@ class FeaturesStream:
         log.info("features stream started from bronze version %d, checkpoint %s, watermark %d s", version,
                  self.checkpoint, self.watermark_ms // 1000)
         return self.query
+
+    def _wait_for_version(self, version: int) -> None:
+        """Wait until bronze has ``version``: Delta refuses to start a stream at a version not yet written.
+
+        Only a new checkpoint starts at a version. Starting at "latest" instead could skip a commit
+        made between this check and the query's start.
+        """
+        path = self.config.lake.table(bronze.EVENTS_TABLE)
+        announced = False
+        while not self.stop_requested.is_set():
+            latest = DeltaTable.forPath(self.spark, path).history(1).first()["version"]
+            if latest >= version:
+                return
+            if not announced:
+                log.info("waiting for bronze version %d: the backfill covered up to version %d and the ingest "
+                         "job has not written since", version, latest)
+                announced = True
+            self.stop_requested.wait(max(1.0, self.trigger_interval_seconds))
 
     def _batch_watermark_ms(self, batch_id: int) -> Optional[int]:
         """Return the watermark Spark planned this batch with, from the checkpoint's offset log."""
@@ -158,10 +189,13 @@ class FeaturesStream:
     def process_batch(self, batch_df: DataFrame, batch_id: int) -> None:
         """Fold one micro-batch of bronze events into tiles, history and Redis."""
         if self.stop_requested.is_set():
-            # A normal return would make Spark commit this batch without its writes; the batch is
+            # A normal return would make Spark commit this batch without its writes. The batch is
             # planned but untouched, and a restart runs it.
             raise StopRequested(f"stop requested: batch {batch_id} was not started and runs after the restart")
         started = time.monotonic()
+        # The batch's own session (the query's clone): Delta's transaction settings are session
+        # settings, and another query in this application must not see or change them.
+        self.batch_spark = batch_df.sparkSession
         result = FeatureBatchResult(batch_id=batch_id)
         app_id = self._txn_app_id()
         events = transforms.feature_events(batch_df, self._items, self.feature_set).persist()
@@ -174,23 +208,34 @@ class FeaturesStream:
             result.events, result.late = row["events"], row["late"] or 0
             on_time = events.where(~late)
             if result.events > result.late:
-                for entity in ("user", "item"):
-                    self._fold_entity(on_time, entity, app_id, batch_id, result)
+                # Redis first for both entity types. The history upserts feed only Delta, so they follow.
+                histories = {entity: self._fold_entity(on_time, entity, app_id, batch_id, result)
+                             for entity in ("user", "item")}
+                for entity, history in histories.items():
+                    step = time.monotonic()
+                    self._upsert_history(history, self.config.lake.table(HISTORY_TABLES[entity]), app_id, batch_id)
+                    history.unpersist()
+                    result.step(f"{entity}_history", step)
                 # The event-time clock: the newest on-time event seen, which the watermark trails.
                 previous = watermark + self.watermark_ms if watermark is not None else None
                 result.clock_ms = max(value for value in (previous, row["newest_on_time"]) if value is not None)
+                step = time.monotonic()
                 write_popularity(self.spark, self.config, self.feature_set, result.clock_ms)
+                result.step("popularity", step)
             if result.events:
                 # A late event was still consumed: the user's set includes it at once.
+                step = time.monotonic()
                 write_consumed(events, self.config, self.feature_set)
+                result.step("consumed", step)
         finally:
             events.unpersist()
         result.duration_s = time.monotonic() - started
         self.results.append(result)
         self._export(result)
-        log.info("features batch %d: %d events, %d late (watermark %s), touched %s, Redis written %s kept %s, %.2f s",
-                 batch_id, result.events, result.late, result.watermark_ms, result.touched, result.redis_written,
-                 result.redis_kept, result.duration_s)
+        log.info("features batch %d: %d events, %d late (watermark %s), touched %s, Redis written %s kept %s, "
+                 "%.2f s (%s)", batch_id, result.events, result.late, result.watermark_ms, result.touched,
+                 result.redis_written, result.redis_kept, result.duration_s,
+                 ", ".join(f"{name} {seconds}" for name, seconds in result.steps_s.items()))
 
     def _export(self, result: FeatureBatchResult) -> None:
         metrics = self.metrics
@@ -207,17 +252,22 @@ class FeaturesStream:
             metrics.max_event_time.set(result.clock_ms / 1000)
 
     def _fold_entity(self, events: DataFrame, entity: str, app_id: str, batch_id: int,
-                     result: FeatureBatchResult) -> None:
+                     result: FeatureBatchResult) -> DataFrame:
+        """Add the batch's tiles, recompute the touched entities and write them to Redis.
+
+        Returns the recomputed history rows, persisted, for the caller to upsert and unpersist.
+        """
         feature_set = self.feature_set
         tile_path = self.config.lake.table(TILE_TABLES[entity])
-        history_path = self.config.lake.table(HISTORY_TABLES[entity])
 
+        step = time.monotonic()
         batch_tiles = transforms.tiles(events, entity, feature_set).persist()
         try:
             # The earliest tile the batch changes, per entity: every later tile's windows change too.
             changed = batch_tiles.groupBy("entity_id").agg(F.min("bucket_s").alias("from_bucket")).persist()
             result.touched[entity] = changed.count()
             self._add_tiles(batch_tiles, tile_path, entity, app_id, batch_id)
+            step = result.step(f"{entity}_tiles", step)
 
             lookback_s = feature_set.longest_window_seconds
             stored = (self.spark.read.format("delta").load(tile_path)
@@ -229,12 +279,13 @@ class FeaturesStream:
                        .where(F.col("bucket_s") >= F.col("from_bucket")).drop("from_bucket")
                        .withColumn("event_month", F.date_format("event_time", "yyyy-MM"))
                        .persist())
-            self._upsert_history(history, history_path, app_id, batch_id)
+            # A rerun of this batch writes the same values again (an equal stamp keeps them).
             latest = transforms.latest_per_entity(history)
             written, kept = seed_redis(latest, self.config, feature_set, entity, backfill=False)
             result.redis_written[entity], result.redis_kept[entity] = written, kept
-            history.unpersist()
+            result.step(f"{entity}_redis", step)
             changed.unpersist()
+            return history
         finally:
             batch_tiles.unpersist()
 
@@ -244,8 +295,8 @@ class FeaturesStream:
         updates["max_event_ms"] = "greatest(t.max_event_ms, s.max_event_ms)"
         updates["max_ingest_ms"] = "greatest(t.max_ingest_ms, s.max_ingest_ms)"
         source = batch_tiles.withColumn("event_month", F.date_format(F.timestamp_seconds("bucket_s"), "yyyy-MM"))
-        with delta_transaction(self.spark, app_id, batch_id, f"{app_id}:{batch_id}:tiles-{entity}"):
-            (DeltaTable.forPath(self.spark, tile_path).alias("t")
+        with delta_transaction(self.batch_spark, app_id, batch_id, f"{app_id}:{batch_id}:tiles-{entity}"):
+            (DeltaTable.forPath(self.batch_spark, tile_path).alias("t")
              .merge(source.alias("s"), "t.entity_id = s.entity_id AND t.bucket_s = s.bucket_s")
              .whenMatchedUpdate(set=updates)
              .whenNotMatchedInsertAll()
@@ -253,28 +304,31 @@ class FeaturesStream:
 
     def _upsert_history(self, history: DataFrame, history_path: str, app_id: str, batch_id: int) -> None:
         # Recomputed rows are absolute values, so replaying this upsert leaves the same table.
-        with delta_transaction(self.spark, app_id, batch_id, f"{app_id}:{batch_id}:history"):
-            (DeltaTable.forPath(self.spark, history_path).alias("t")
+        with delta_transaction(self.batch_spark, app_id, batch_id, f"{app_id}:{batch_id}:history"):
+            (DeltaTable.forPath(self.batch_spark, history_path).alias("t")
              .merge(history.alias("s"), "t.entity_id = s.entity_id AND t.bucket_s = s.bucket_s")
              .whenMatchedUpdateAll()
              .whenNotMatchedInsertAll()
              .execute())
 
-    def run_supervised(self, max_restarts: int = 5, restart_delay_seconds: float = 10.0,
-                       stop: Optional[threading.Event] = None) -> int:
+    def run_supervised(self, max_restarts: int = 5, restart_delay_seconds: float = 10.0) -> int:
         """Run the query, restarting it from its checkpoint after a failure; return an exit code.
 
         Spark does not retry a failed micro-batch. A batch that failed (Redis down after the
         writer's own retries, say) runs again from the checkpoint after a delay that doubles with
         each consecutive failure. Its Delta writes carry transaction ids and its Redis writes are
         versioned, so the rerun adds nothing twice. A run that completed a batch before failing
-        resets the count. After ``max_restarts`` consecutive failures the error is final.
+        resets the count. After ``max_restarts`` consecutive failures the error is final. Setting
+        ``stop_requested`` (SIGTERM in ``main``) ends the run between micro-batches with 0.
         """
-        stop = stop or self.stop_requested
+        stop = self.stop_requested
         failures = 0
         while True:
             batches_before = len(self.results)
-            query = self.start()
+            try:
+                query = self.start()
+            except StopRequested:
+                return 0
             try:
                 while query.isActive and not stop.is_set():
                     query.awaitTermination(1.0)
@@ -348,17 +402,15 @@ def main(argv: Optional[list[str]] = None, spark: Optional[SparkSession] = None)
                             _given(args.trigger, settings.trigger),
                             _given(args.trigger_interval_seconds, settings.trigger_interval_seconds))
     serve_metrics(settings.metrics_host, settings.metrics_port)
-    stop = threading.Event()
-
     def request_stop(signum, _frame):
         log.info("received %s: stopping after the current micro-batch", signal.Signals(signum).name)
-        stop.set()
+        stream.stop_requested.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
         return stream.run_supervised(_given(args.max_restarts, settings.max_restarts),
-                                     _given(args.restart_delay_seconds, settings.restart_delay_seconds), stop)
+                                     _given(args.restart_delay_seconds, settings.restart_delay_seconds))
     except FileNotFoundError as error:
         log.error("features stream did not start: %s", error)
         return 2

@@ -86,6 +86,7 @@ class IngestJob:
     def __init__(self, spark: SparkSession, config: Config, checkpoint: Optional[str] = None,
                  metrics: Optional[IngestMetrics] = None):
         self.spark = spark
+        self.batch_spark = spark
         self.config = config
         self.settings = config.ingest
         self.topic = config.kafka.interactions_topic
@@ -178,6 +179,9 @@ class IngestJob:
             # batch without its writes. The batch is planned but untouched; a restart runs it.
             raise StopRequested(f"stop requested: batch {batch_id} was not started and runs after the restart")
         started = time.monotonic()
+        # The batch's own session (the query's clone): Delta's transaction settings are session
+        # settings, and another query in this application must not see or change them.
+        self.batch_spark = batch_df.sparkSession
         result = BatchResult(batch_id=batch_id, quarantined={})
         ingest_time = datetime.now(timezone.utc).replace(tzinfo=None)
         app_id = self._txn_app_id()
@@ -274,7 +278,7 @@ class IngestJob:
         events = bronze.valid_events(parsed, ingest_time, deduplicate=stats["distinct_ids"] < stats["valid"])
         months = stats["months"] if self.settings.dedup_scope == "event_month" else None
         inserted = self._with_conflict_retries(
-            lambda: bronze.merge_new_events(self.spark, self.events_path, events, f"{app_id}:{batch_id}", months),
+            lambda: bronze.merge_new_events(self.batch_spark, self.events_path, events, f"{app_id}:{batch_id}", months),
             app_id, batch_id, "merge into bronze events")
         if inserted is None:
             log.info("batch %d: already in bronze (transaction %s:%d was committed before a "
@@ -284,7 +288,7 @@ class IngestJob:
     def _write_quarantine(self, parsed: DataFrame, ingest_time: datetime, app_id: str, batch_id: int) -> None:
         records = bronze.quarantined_records(parsed, ingest_time)
         self._with_conflict_retries(
-            lambda: bronze.merge_new_quarantine(self.spark, self.quarantine_path, records, f"{app_id}:{batch_id}"),
+            lambda: bronze.merge_new_quarantine(self.batch_spark, self.quarantine_path, records, f"{app_id}:{batch_id}"),
             app_id, batch_id, "merge into quarantine")
 
     def _with_conflict_retries(self, write, app_id: str, batch_id: int, what: str):
@@ -292,7 +296,7 @@ class IngestJob:
         attempts = max(1, self.settings.write_retries + 1)
         for attempt in range(1, attempts + 1):
             try:
-                with delta_transaction(self.spark, app_id, batch_id, f"{app_id}:{batch_id}"):
+                with delta_transaction(self.batch_spark, app_id, batch_id, f"{app_id}:{batch_id}"):
                     return write()
             except DELTA_CONFLICTS as error:
                 if attempt == attempts:

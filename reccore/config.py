@@ -169,7 +169,7 @@ class RedisConfig:
     # the pipeline is down (staleness is judged at read time).
     ttl_seconds: int = 7_776_000
     # Also keep each entity's values as a hash of named fields, for people and tools. The scorer
-    # reads only the packed vectors; without the hash a write costs about a third as much.
+    # reads only the packed vectors, and without the hash a write costs about a quarter as much.
     readable_hash: bool = True
 
 

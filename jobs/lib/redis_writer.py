@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # feature count n, the n feature names, then one packed value per entity. The stored stamp is the
 # header of the stored vector. Returns one integer per entity: 1 written, 0 kept (the stored stamp
 # is newer, or equal and this is not a backfill). Hash values are the float32 values printed with 9
-# significant digits, which read back as the same float32; 'nan' marks a missing value.
+# significant digits, which read back as the same float32, and 'nan' marks a missing value.
 COMPARE_AND_SET = """
 local ttl = tonumber(ARGV[1])
 local backfill = ARGV[2] == '1'
@@ -171,7 +171,7 @@ class FeatureWriter:
         return written, kept
 
 
-# KEYS[1]: the key holding the event time the sets are as of; KEYS[2..]: one sorted set per window.
+# KEYS[1]: the key with the event time the sets are as of. KEYS[2..]: one sorted set per window.
 # ARGV[1]: as_of_ms, then per window: the member count n and n score/member pairs. The sets are
 # replaced only when as_of_ms is at least the stored one, so an older recomputation (a backfill of
 # an earlier range) never overwrites fresher popularity. Returns 1 when replaced, 0 when kept.

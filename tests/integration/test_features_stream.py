@@ -291,3 +291,37 @@ def test_redis_down_during_batch_recovers(spark, world, kafka_settings, tmp_path
         client.close()
     finally:
         private.stop()
+
+
+def test_stream_started_right_after_backfill_waits_for_bronze(spark, world, kafka_settings):
+    import threading
+    import time
+
+    topic, config, client = world
+    feature_set = load_feature_set()
+    layout = KeyLayout(config.redis.key_prefix, feature_set.version)
+    produce(kafka_settings, topic, [rating("seed", "u", "i1", T0_MS)])
+    ingest(spark, config)
+    run_backfill(spark, config, feature_set)
+
+    # Bronze has no version after the backfill's yet: the stream must wait for it, not fail.
+    stream = FeaturesStream(spark, config, feature_set, 600, trigger="processing_time", trigger_interval_seconds=1)
+    started = threading.Thread(target=stream.start)
+    started.start()
+    try:
+        time.sleep(3)
+        assert started.is_alive(), "start() should wait for the next bronze version"
+        produce(kafka_settings, topic, [rating("next", "u", "i2", T0_MS + 60_000)])
+        ingest(spark, config)
+        started.join(timeout=120)
+        assert not started.is_alive()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not stream.results:
+            time.sleep(0.5)
+        assert stream.results and stream.query.isActive, stream.query.exception()
+        stamp, _ = unpack(client.get(layout.vector("user", "u")), len(feature_set.names("user")))
+        assert stamp.newest_event_ms == T0_MS + 60_000
+    finally:
+        stream.stop_gracefully()
+        started.join(timeout=60)
+        stream.close()
