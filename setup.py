@@ -24,6 +24,11 @@ JOBS = [
     "tqdm==4.70.1",
     "redis==8.1.0",
     "hiredis==3.5.0",
+    "lightgbm==4.7.0",
+    "mlflow==3.17.2",
+    "matplotlib==3.11.2",
+    "scikit-learn==1.9.1",
+    "great-expectations==1.24.1",
 ]
 
 SERVING = [

@@ -15,6 +15,9 @@ JOBS = {
     "backfill": ("jobs.backfill", "Features from bronze -> Delta history and Redis, in batch"),
     "features-stream": ("jobs.features_stream", "New bronze events -> tiles, feature history and Redis (streaming)"),
     "parity": ("jobs.parity", "Compare stored features (Delta, Redis) with a batch recomputation"),
+    "training-set": ("jobs.training_set", "Point-in-time training examples from bronze and the feature history"),
+    "train": ("jobs.train", "Train, evaluate and register the LightGBM ranker; promote it when it wins"),
+    "registry": ("jobs.registry", "Model aliases: show, promote a version, roll back the champion"),
 }
 
 

@@ -157,6 +157,45 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """Labels, the training set, the model and the promotion gate."""
+
+    # Labels from bronze. A rating gets the relevance of the highest threshold it reaches (below
+    # the lowest one: 0, a negative). Events of the positive types get 1, of the negative types 0;
+    # other types are not labelled.
+    relevance_by_rating: dict = field(default_factory=lambda: {4.0: 1, 5.0: 2})
+    positive_event_types: list = field(default_factory=lambda: ["purchase", "add_to_cart"])
+    negative_event_types: list = field(default_factory=list)
+    # Sampled negatives per labelled positive: items the user had not touched as of the label,
+    # drawn by popularity before it, with this seed.
+    negatives_per_positive: float = 1.0
+    seed: int = 42
+    # Time split of the labelled events: the last test_fraction of them (by event time) is the
+    # test period and the validation_fraction before it the validation period.
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    k: int = 10
+    # The quality gate refuses a training set with fewer examples.
+    min_examples: int = 1000
+    # Feature rows and labels ingested after this instant (ISO-8601) are left out; empty means the
+    # time the training-set build starts.
+    ingest_cutoff: str = ""
+    experiment: str = "streamrec-ranking"
+    model_name: str = "streamrec-ranker"
+    # Registration needs NDCG@k on warm users at least (1 + baseline_margin) times popularity's.
+    # Promotion needs promotion_metric ("auc": over the test period's examples; "ndcg": warm
+    # NDCG@k) at least (1 + promotion_margin) times the champion's on the same split.
+    baseline_margin: float = 0.0
+    promotion_metric: str = "auc"
+    promotion_margin: float = 0.005
+    lightgbm: dict = field(default_factory=lambda: {
+        "objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
+        "feature_fraction": 0.9, "num_threads": 2})
+    max_rounds: int = 500
+    early_stopping_rounds: int = 30
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     """Online store connection."""
 
@@ -217,6 +256,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     stack: StackConfig = field(default_factory=StackConfig)

@@ -191,3 +191,43 @@ def movielens_bronze(kafka_settings, tmp_path_factory) -> MovieLensBronze:
     return MovieLensBronze(topic=topic, lake_root=root / "lake", checkpoint_root=root / "checkpoints",
                            events_path=str(root / "lake" / "bronze" / "events"),
                            ingest_log=ingest.stdout + ingest.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLensFeatures:
+    """MovieLens bronze copied into a lake of its own, with the catalogue and a full feature backfill."""
+
+    config: Config
+    result: object
+
+
+@pytest.fixture(scope="session")
+def movielens_features(movielens_bronze, spark, base_config, tmp_path_factory):
+    """Backfill the shared MovieLens bronze once per run into its own lake and Redis prefix (read-only).
+
+    Tests that write (a training set, say) copy ``config.lake.root`` first.
+    """
+    import shutil
+
+    import redis
+
+    from jobs.backfill import run_backfill
+    from jobs.items import DEFAULT_MOVIES, read_catalog, write_catalog
+    from reccore.features import load_feature_set
+
+    root = tmp_path_factory.mktemp("movielens-features")
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    config = dataclasses.replace(
+        base_config,
+        lake=dataclasses.replace(base_config.lake, root=str(root / "lake"), checkpoint_root=str(root / "checkpoints")),
+        redis=dataclasses.replace(base_config.redis, key_prefix=prefix))
+    shutil.copytree(movielens_bronze.events_path, config.lake.table("bronze/events"))
+    write_catalog(spark, config, read_catalog(DEFAULT_MOVIES))
+    result = run_backfill(spark, config, load_feature_set())
+    yield MovieLensFeatures(config, result)
+
+    client = redis.Redis(host=config.redis.host, port=config.redis.port, socket_timeout=30)
+    keys = list(client.scan_iter(f"{prefix}:*", count=5000))
+    for start in range(0, len(keys), 5000):
+        client.delete(*keys[start:start + 5000])
+    client.close()

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
-import shutil
-import uuid
 from collections import defaultdict
 
 import pytest
 import redis
 
-from jobs.backfill import HISTORY_TABLES, run_backfill
-from jobs.items import DEFAULT_MOVIES, ITEMS_TABLE, catalog_key, read_catalog, write_catalog
+from jobs.backfill import HISTORY_TABLES
+from jobs.items import ITEMS_TABLE, catalog_key
 from jobs.replay import DEFAULT_RATINGS
 from reccore.features import load_feature_set
 from reccore.store import KeyLayout, unpack
@@ -34,25 +31,10 @@ def ratings_by_entity():
 
 
 @pytest.fixture
-def backfilled(movielens_bronze, spark, base_config, tmp_path):
-    """Backfill a copy of the shared MovieLens bronze into this test's lake and a fresh Redis prefix."""
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-    config = dataclasses.replace(
-        base_config,
-        lake=dataclasses.replace(base_config.lake, root=str(tmp_path / "lake"),
-                                 checkpoint_root=str(tmp_path / "checkpoints")),
-        redis=dataclasses.replace(base_config.redis, key_prefix=prefix))
-    shutil.copytree(movielens_bronze.events_path, config.lake.table("bronze/events"))
+def backfilled(movielens_features):
+    config = movielens_features.config
     client = redis.Redis(host=config.redis.host, port=config.redis.port, socket_timeout=30)
-    feature_set = load_feature_set()
-
-    write_catalog(spark, config, read_catalog(DEFAULT_MOVIES))
-    result = run_backfill(spark, config, feature_set)
-    yield config, client, feature_set, result
-
-    keys = list(client.scan_iter(f"{prefix}:*", count=5000))
-    for start in range(0, len(keys), 5000):
-        client.delete(*keys[start:start + 5000])
+    yield config, client, load_feature_set(), movielens_features.result
     client.close()
 
 
