@@ -78,6 +78,16 @@ class FeatureSet:
                                sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def category_share_names(self) -> dict[str, str]:
+        """Return, per category, the name of the user's longest-window share of it (for the affinity)."""
+        shares: dict[str, tuple[int, str]] = {}
+        for feature in self.user:
+            if feature.aggregation == "category_share":
+                seconds = feature.window_seconds or 0
+                if feature.category not in shares or seconds > shares[feature.category][0]:
+                    shares[feature.category] = (seconds, feature.name)
+        return {category: name for category, (_seconds, name) in shares.items()}
+
     def manifest(self) -> dict:
         """Return the manifest stored with the values: version, names and order, dtype, category codes."""
         return {
@@ -88,6 +98,7 @@ class FeatureSet:
             "user": self.names("user"),
             "item": self.names("item"),
             "category_codes": {category: code for code, category in enumerate(self.categories)},
+            "category_shares": self.category_share_names(),
             "windows": dict(self.windows),
         }
 

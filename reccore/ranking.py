@@ -18,27 +18,50 @@ from typing import Sequence
 
 import numpy as np
 
-from reccore.features import FeatureSet
 
 DERIVED_FEATURES = ("user_recency_s", "item_recency_s", "category_affinity_user_item")
 
 
-def model_feature_names(feature_set: FeatureSet) -> list[str]:
+def model_feature_names(feature_set) -> list[str]:
     """Return the names of a model row, in the order ``model_rows`` builds them."""
     return [*feature_set.names("user"), *feature_set.names("item"), *DERIVED_FEATURES]
 
 
-def category_share_columns(feature_set: FeatureSet) -> list[int]:
-    """Return, for each category code, the position of the user's 30-day share of it in the user vector."""
+class ManifestLayout:
+    """The parts of a feature set that scoring needs, read from its manifest (as stored in Redis).
+
+    It offers the same ``version``, ``categories``, ``names`` and ``category_share_names`` as a
+    FeatureSet, so ``model_rows`` accepts either; the scorer has only the manifest of the model's
+    feature-set version, not the definitions file.
+    """
+
+    def __init__(self, manifest: dict):
+        missing = [key for key in ("version", "user", "item", "category_codes", "category_shares") if key not in manifest]
+        if missing:
+            raise ValueError(f"feature manifest {manifest.get('version')!r} lacks {missing}; "
+                             "rerun the backfill to store a current manifest")
+        self.version = manifest["version"]
+        codes = manifest["category_codes"]
+        self.categories = tuple(sorted(codes, key=codes.get))
+        self._names = {"user": list(manifest["user"]), "item": list(manifest["item"])}
+        self._shares = dict(manifest["category_shares"])
+
+    def names(self, entity: str) -> list[str]:
+        return self._names[entity]
+
+    def category_share_names(self) -> dict[str, str]:
+        return self._shares
+
+
+def category_share_columns(feature_set) -> list[int]:
+    """Return, for each category code, the position of the user's share of it in the user vector."""
     names = feature_set.names("user")
-    positions = []
-    for feature in feature_set.features("user"):
-        if feature.aggregation == "category_share":
-            positions.append((feature_set.categories.index(feature.category), names.index(feature.name)))
-    if len(positions) != len(feature_set.categories):
-        raise ValueError(f"feature set {feature_set.version} has {len(positions)} category shares for "
-                         f"{len(feature_set.categories)} categories; the affinity needs one per category")
-    return [position for _code, position in sorted(positions)]
+    shares = feature_set.category_share_names()
+    absent = [category for category in feature_set.categories if shares.get(category) not in names]
+    if absent:
+        raise ValueError(f"feature set {feature_set.version} has no user share of categories {absent[:5]}; "
+                         "the affinity needs one per category")
+    return [names.index(shares[category]) for category in feature_set.categories]
 
 
 def category_matrix(category_codes: Sequence[Sequence[int]], categories: int) -> np.ndarray:
@@ -50,10 +73,12 @@ def category_matrix(category_codes: Sequence[Sequence[int]], categories: int) ->
     return matrix
 
 
-def model_rows(feature_set: FeatureSet, user_values: np.ndarray, user_newest_ms: np.ndarray,
+def model_rows(feature_set, user_values: np.ndarray, user_newest_ms: np.ndarray,
                item_values: np.ndarray, item_newest_ms: np.ndarray, item_categories: np.ndarray,
                at_ms: np.ndarray) -> np.ndarray:
     """Return float32 model rows, one per (user row, item row) pair, in ``model_feature_names`` order.
+
+    ``feature_set`` is a FeatureSet or a ManifestLayout.
 
     ``user_values`` (n x user features) and ``item_values`` (n x item features) are the stored
     vectors, NaN where missing. ``*_newest_ms`` is the newest event time behind each, NaN when the
