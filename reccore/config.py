@@ -196,6 +196,33 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """The scorer: model alias, candidates, budgets and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_alias: str = "champion"
+    # How often each worker asks the registry whether the alias moved.
+    model_poll_seconds: float = 10.0
+    # Candidates generated when the caller gives none, before the user's consumed items are removed.
+    candidates: int = 200
+    max_k: int = 100
+    max_candidates: int = 1000
+    max_body_bytes: int = 65536
+    # Features older than this (by the user's newest event) are served but flagged stale.
+    max_feature_age_seconds: float = 2_592_000
+    # Item vectors are cached in each worker this long, up to this many items.
+    item_cache_seconds: float = 5.0
+    item_cache_size: int = 50_000
+    # A Redis call slower than this makes the request use the fallback ranking.
+    redis_timeout_ms: float = 50.0
+    # Name of the environment variable with comma-separated API keys; empty or unset: no keys needed.
+    api_keys_env: str = "STREAMREC_API_KEYS"
+    workers: int = 2
+    threads: int = 4
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     """Online store connection."""
 
@@ -257,6 +284,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     stack: StackConfig = field(default_factory=StackConfig)

@@ -4,8 +4,8 @@ The views fetch the user's and the candidates' packed vectors in one MGET and ha
 the model. Everything between the bytes and the ranked list is in this module, so it can be tested
 with a real booster and real packed values but without Flask or Redis:
 
-1. each packed value is unpacked (``reccore.store``); a missing one becomes a row of NaN, which is
-   how the model was trained to see an entity without history;
+1. each packed value is unpacked (``reccore.store``). A missing one becomes a row of NaN, the
+   form in which training saw an entity without history;
 2. rows are built by ``reccore.ranking.model_rows``, the code training used, in the manifest's
    order, then put in the model's own feature order by name;
 3. all candidates are scored in one predict call on the native booster, and the top k are kept,

@@ -231,3 +231,27 @@ def movielens_features(movielens_bronze, spark, base_config, tmp_path_factory):
     for start in range(0, len(keys), 5000):
         client.delete(*keys[start:start + 5000])
     client.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLensTrainingSet:
+    """A copy of the MovieLens features lake with its training set built."""
+
+    config: Config
+    built: object
+
+
+@pytest.fixture(scope="session")
+def movielens_training_set(movielens_features, spark, tmp_path_factory):
+    """Copy the backfilled MovieLens lake once per run and build its training set (tests use their own model names)."""
+    import shutil
+
+    from jobs.training_set import build_training_set
+    from reccore.features import load_feature_set
+
+    root = tmp_path_factory.mktemp("movielens-training")
+    source = movielens_features.config
+    config = dataclasses.replace(source, lake=dataclasses.replace(source.lake, root=str(root / "lake"),
+                                                                   checkpoint_root=str(root / "checkpoints")))
+    shutil.copytree(source.lake.root, config.lake.root)
+    return MovieLensTrainingSet(config, build_training_set(spark, config, load_feature_set()))

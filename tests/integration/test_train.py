@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import uuid
 
 import pytest
 
 from jobs.registry import CHALLENGER, CHAMPION, alias_version, client_for, promote, rollback
 from jobs.train import run_training
-from jobs.training_set import build_training_set
 from reccore.features import load_feature_set
 from tests.conftest import with_overrides
 
@@ -21,20 +18,14 @@ METHODS = ("model", "popularity", "cooccurrence")
 
 
 @pytest.fixture(scope="module")
-def trained(movielens_features, spark, tmp_path_factory):
-    """A copy of the backfilled MovieLens lake with its training set, and a model name of its own."""
-    root = tmp_path_factory.mktemp("train")
-    source = movielens_features.config
-    config = dataclasses.replace(source, lake=dataclasses.replace(source.lake, root=str(root / "lake"),
-                                                                   checkpoint_root=str(root / "checkpoints")))
-    shutil.copytree(source.lake.root, config.lake.root)
+def trained(movielens_training_set, spark):
+    """The shared MovieLens training set, a model name of this module's own and its first training run."""
     suffix = uuid.uuid4().hex[:8]
-    config = with_overrides(config, training={"model_name": f"test-ranker-{suffix}",
-                                              "experiment": f"test-ranking-{suffix}"})
+    config = with_overrides(movielens_training_set.config, training={"model_name": f"test-ranker-{suffix}",
+                                                                    "experiment": f"test-ranking-{suffix}"})
     feature_set = load_feature_set()
-    built = build_training_set(spark, config, feature_set)
     first = run_training(spark, config, feature_set)
-    return config, feature_set, built, first
+    return config, feature_set, movielens_training_set.built, first
 
 
 def test_training_set_from_bronze(trained):

@@ -1,0 +1,230 @@
+"""The scorer against real Redis, a real registered model and the real tracking server (MovieLens)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from jobs.items import DEFAULT_MOVIES
+from jobs.replay import DEFAULT_RATINGS
+from jobs.train import run_training
+from reccore.features import load_feature_set
+from reccore.ranking import ManifestLayout, category_matrix, model_feature_names, model_rows, reorder_columns
+from reccore.store import KeyLayout, unpack
+from serving.app import create_app
+from tests.conftest import with_overrides
+from tests.integration.test_features_stream import PrivateRedis
+
+pytestmark = [pytest.mark.integration, pytest.mark.spark]
+
+
+@pytest.fixture(scope="module")
+def served(movielens_training_set, spark):
+    """A champion of this module's own, trained on the shared MovieLens training set, and its config."""
+    suffix = uuid.uuid4().hex[:8]
+    config = with_overrides(movielens_training_set.config,
+                            training={"model_name": f"test-scorer-{suffix}", "experiment": f"test-scorer-{suffix}"},
+                            serving={"redis_timeout_ms": 2000.0})
+    result = run_training(spark, config, load_feature_set())
+    assert result.promoted, result.reasons
+    return config
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    app = create_app(served)
+    assert app.extensions["streamrec"]["holder"].current is not None
+    yield app.test_client()
+    app.extensions["streamrec"]["holder"].stop()
+
+
+@pytest.fixture(scope="module")
+def movielens():
+    rated, titles = {}, {}
+    with open(DEFAULT_RATINGS, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            rated.setdefault(row["userId"], set()).add(row["movieId"])
+    with open(DEFAULT_MOVIES, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            titles[row["movieId"]] = row["title"]
+    return rated, titles
+
+
+def test_known_user_ranked_by_booster(client, served, movielens):
+    rated, titles = movielens
+    response = client.get("/v1/users/414/recommendations?k=10")
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert body["fallback"] is False
+    assert body["fallback_reason"] is None
+    items = body["items"]
+    assert len(items) == 10
+    assert not {item["item_id"] for item in items} & rated["414"]
+    for item in items:
+        assert item["title"] == titles[item["item_id"]]
+
+    # The same scores recomputed from the Redis vectors with the registered booster.
+    import mlflow.lightgbm
+
+    booster = mlflow.lightgbm.load_model(f"models:/{served.training.model_name}/{body['model_version']}")
+    feature_set = load_feature_set()
+    layout_keys = KeyLayout(served.redis.key_prefix, feature_set.version)
+    connection = redis.Redis(host=served.redis.host, port=served.redis.port)
+    _user_stamp, user = unpack(connection.get(layout_keys.vector("user", "414")), len(feature_set.names("user")))
+    user_newest = _user_stamp.newest_event_ms
+    ids = [item["item_id"] for item in items]
+    vectors = [unpack(connection.get(layout_keys.vector("item", item_id)), len(feature_set.names("item"))) for item_id in ids]
+    genres = [connection.hget(f"{served.redis.key_prefix}:catalog:item:{item_id}", "genres").decode().split("|")
+              for item_id in ids]
+    codes = [[feature_set.categories.index(genre) for genre in item_genres if genre in feature_set.categories]
+             for item_genres in genres]
+    layout = ManifestLayout(feature_set.manifest())
+    now_ms = time.time() * 1000
+    rows = model_rows(layout, np.tile(np.array(user, dtype=np.float32), (len(ids), 1)), np.full(len(ids), user_newest),
+                      np.array([values for _stamp, values in vectors], dtype=np.float32),
+                      np.array([stamp.newest_event_ms for stamp, _values in vectors], dtype=float),
+                      category_matrix(codes, len(feature_set.categories)), np.full(len(ids), now_ms))
+    expected = booster.predict(reorder_columns(rows, model_feature_names(layout), booster.feature_name()))
+    scores = [item["score"] for item in items]
+    # Recency moves by the milliseconds between the two computations: the scores agree closely.
+    assert scores == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)
+    assert scores == sorted(scores, reverse=True)
+    assert body["feature_age_seconds"] > 0
+    connection.close()
+
+
+def test_unknown_user_gets_popularity(client, served):
+    response = client.get("/v1/users/999999999/recommendations?k=5")
+    assert response.status_code == 200
+    body = response.json
+    assert body["fallback"] is True
+    assert body["fallback_reason"] == "unknown_user"
+    connection = redis.Redis(host=served.redis.host, port=served.redis.port)
+    top = connection.zrevrange(KeyLayout(served.redis.key_prefix, load_feature_set().version).popularity("7d"), 0, 4)
+    assert [item["item_id"] for item in body["items"]] == [member.decode() for member in top]
+    assert all(item["score"] is None for item in body["items"])
+    connection.close()
+
+
+@pytest.mark.parametrize("method, path, payload, field", [
+    ("get", "/v1/users/abc!/recommendations", None, "user_id"),
+    ("get", "/v1/users/414/recommendations?k=0", None, "k"),
+    ("post", "/v1/rank", {"user_id": "", "candidates": ["1"]}, "user_id"),
+    ("post", "/v1/rank", {"user_id": "414", "candidates": []}, "candidates"),
+    ("post", "/v1/rank", {"user_id": "414", "candidates": ["1"], "extra": 1}, "extra"),
+])
+def test_bad_input_is_400(client, method, path, payload, field):
+    response = getattr(client, method)(path, json=payload) if payload is not None else getattr(client, method)(path)
+    assert response.status_code == 400
+    assert response.json["error"]["field"] == field
+    assert response.json["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies(client, served):
+    response = client.post("/v1/rank", data="{not json", content_type="application/json")
+    assert response.status_code == 400
+    big = {"user_id": "414", "candidates": ["1"] * 5, "k": 1, "pad": "x" * served.serving.max_body_bytes}
+    assert client.post("/v1/rank", json=big).status_code == 413
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.get("/v1/nothing").json["error"]["code"] == "not_found"
+
+
+def test_rank_given_candidates(client, movielens):
+    response = client.post("/v1/rank", json={"user_id": "414", "candidates": ["1", "2", "3", "999999"], "k": 4})
+    assert response.status_code == 200
+    body = response.json
+    assert body["fallback"] is False
+    assert {item["item_id"] for item in body["items"]} == {"1", "2", "3", "999999"}
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def copy_keys(source: redis.Redis, target: redis.Redis, pattern: str) -> int:
+    keys = list(source.scan_iter(pattern, count=5000))
+    for start in range(0, len(keys), 2000):
+        chunk = keys[start:start + 2000]
+        pipeline = source.pipeline(transaction=False)
+        for key in chunk:
+            pipeline.dump(key)
+        dumps = pipeline.execute()
+        writer = target.pipeline(transaction=False)
+        for key, dumped in zip(chunk, dumps):
+            if dumped is not None:
+                writer.restore(key, 0, dumped, replace=True)
+        writer.execute()
+    return len(keys)
+
+
+def test_redis_down_then_back(served, tmp_path):
+    private = PrivateRedis(tmp_path / "redis")
+    private.start()
+    try:
+        stack = redis.Redis(host=served.redis.host, port=served.redis.port)
+        target = redis.Redis(host="127.0.0.1", port=private.port)
+        assert copy_keys(stack, target, f"{served.redis.key_prefix}:*") > 10_000
+        target.save()
+        config = dataclasses.replace(served, redis=dataclasses.replace(served.redis, host="127.0.0.1", port=private.port),
+                                     serving=dataclasses.replace(served.serving, redis_timeout_ms=500.0))
+        app = create_app(config)
+        client = app.test_client()
+        assert client.get("/v1/users/414/recommendations?k=5").json["fallback"] is False
+
+        private.stop()
+        down = client.get("/v1/users/414/recommendations?k=5")
+        assert down.status_code == 200
+        assert down.json["fallback_reason"] == "redis_unavailable"
+        assert len(down.json["items"]) == 5
+        assert client.get("/readyz").status_code == 503
+
+        # A scorer started while Redis is down gives the same responses.
+        cold_app = create_app(config)
+        cold = cold_app.test_client()
+        assert cold.get("/v1/users/414/recommendations?k=5").json["fallback_reason"] == "redis_unavailable"
+        assert cold.get("/readyz").json["ready"] is False
+
+        private.start()
+        for scorer in (client, cold):
+            for _attempt in range(10):  # the first call on a pooled connection may find it closed
+                back = scorer.get("/v1/users/414/recommendations?k=5")
+                if not back.json["fallback"]:
+                    break
+                time.sleep(0.5)
+            assert back.json["fallback"] is False, back.json
+            assert all(item["title"] for item in back.json["items"])
+            assert scorer.get("/readyz").status_code == 200
+        app.extensions["streamrec"]["holder"].stop()
+        cold_app.extensions["streamrec"]["holder"].stop()
+    finally:
+        private.stop()
+
+
+def test_metrics_and_openapi(client):
+    client.get("/healthz")
+    text = client.get("/metrics").data.decode()
+    assert 'streamrec_scorer_requests_total{endpoint="/healthz",status="200"}' in text
+    assert "streamrec_scorer_model_version{" in text
+    document = client.get("/openapi.json").json
+    assert set(document["paths"]) >= {"/v1/users/{user_id}/recommendations", "/v1/rank", "/healthz", "/readyz"}
+
+
+def test_missing_model_is_not_ready_but_answers(served):
+    config = with_overrides(served, training={"model_name": "no-such-model"})
+    app = create_app(config)
+    client = app.test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    reason = " ".join(ready.json["reasons"])
+    assert "'no-such-model'" in reason
+    assert "'champion'" in reason
+    assert config.mlflow.tracking_uri in reason
+    response = client.get("/v1/users/414/recommendations?k=3")
+    assert response.status_code == 200
+    assert response.json["fallback_reason"] == "no_model"
+    assert len(response.json["items"]) == 3
+    app.extensions["streamrec"]["holder"].stop()
