@@ -1,6 +1,8 @@
 """Gunicorn settings for the scorer, from the project config (serving.host, port, workers, threads)."""
 
 import os
+import shutil
+import tempfile
 
 from reccore.config import load_config
 
@@ -16,3 +18,22 @@ timeout = 30
 graceful_timeout = 20
 keepalive = 5
 accesslog = None
+
+# Prometheus multiprocess mode: workers write their metrics to files in this folder and /metrics
+# adds them up. The variable must be set before a worker imports prometheus_client.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="streamrec-scorer-metrics-")
+
+
+def on_starting(_server):
+    """Start each server with an empty metrics folder: files of an earlier run would be added in."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+
+
+def child_exit(_server, worker):
+    """Drop a dead worker's live gauges (its counters stay in the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

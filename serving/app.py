@@ -39,23 +39,41 @@ COOCCURRENCE_SOURCES = 50
 
 
 class Metrics:
-    """The scorer's Prometheus metrics, in a registry of the app's own."""
+    """The scorer's Prometheus metrics.
+
+    Under gunicorn (``PROMETHEUS_MULTIPROC_DIR`` set by conf/gunicorn.conf.py) every worker writes
+    its values to files in that folder and ``/metrics`` adds them up across workers, so a count is
+    the whole server's whatever worker answers the scrape. Without it (one process, tests) the
+    metrics live in a registry of the app's own.
+    """
 
     def __init__(self):
-        self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = None if self.multiprocess else CollectorRegistry()
+        registry = self.registry
         self.requests = Counter("streamrec_scorer_requests_total", "Requests by endpoint and status code",
-                                ["endpoint", "status"], registry=self.registry)
+                                ["endpoint", "status"], registry=registry)
         self.latency = Histogram("streamrec_scorer_request_duration_seconds", "Request latency by endpoint",
-                                 ["endpoint"], registry=self.registry,
+                                 ["endpoint"], registry=registry,
                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.fallbacks = Counter("streamrec_scorer_fallbacks_total", "Fallback responses by reason", ["reason"],
-                                 registry=self.registry)
+                                 registry=registry)
         self.model_version = Gauge("streamrec_scorer_model_version", "Model version served (the value is 1)",
-                                   ["model", "version"], registry=self.registry)
+                                   ["model", "version"], registry=registry, multiprocess_mode="liveall")
         self.feature_age = Histogram("streamrec_scorer_feature_age_seconds",
                                      "Age of the user's features when scored (wall clock minus newest event)",
-                                     registry=self.registry,
+                                     registry=registry,
                                      buckets=(1, 10, 60, 600, 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400))
+
+    def exposition(self) -> bytes:
+        """Return the text format of every metric (summed over workers in multiprocess mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Optional[OnlineStore] = None,
@@ -147,7 +165,7 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
         if model is not None:
             metrics.model_version.clear()
             metrics.model_version.labels(model.name, model.version).set(1)
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json")
     def openapi():
@@ -182,10 +200,12 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
             return fallback(base, user_id, k, requested, "no_model", None)
         try:
             store.ensure_catalogue()
-            user_packed, consumed = store.user_state(model.feature_set_version, user_id)
+            user_packed, consumed, popular = store.user_state(
+                model.feature_set_version, user_id, None if requested else POPULARITY_WINDOW,
+                settings.candidates * 5)
             if user_packed is None:
                 return fallback(base, user_id, k, requested, "unknown_user", model, consumed)
-            candidates = requested or generate_candidates(model, user_packed, consumed)
+            candidates = requested or generate_candidates(model, user_packed, consumed, popular)
             item_packed = store.items(model.feature_set_version, candidates)
             layout = store.layout(model.feature_set_version)
         except (redis.RedisError, LookupError) as error:
@@ -206,7 +226,7 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
         index = {category: code for code, category in enumerate(layout.categories)}
         return [index[genre] for genre in store.genres.get(item_id, ()) if genre in index]
 
-    def generate_candidates(model: ServedModel, user_packed: bytes, consumed: frozenset) -> list[str]:
+    def generate_candidates(model: ServedModel, user_packed: bytes, consumed: frozenset, popular: list) -> list[str]:
         """Co-occurrence of the user's items, then popular items of the user's top categories, then popularity."""
         from reccore.store import unpack
 
@@ -216,10 +236,6 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
             for neighbour in model.cooccurrence.get(item, ()):
                 if neighbour not in consumed:
                     chosen.setdefault(neighbour, None)
-        try:
-            popular = store.popularity(model.feature_set_version, POPULARITY_WINDOW, settings.candidates * 5)
-        except redis.RedisError:
-            popular = []
         popular = popular or list(model.popularity)
         _stamp, values = unpack(user_packed, len(layout.names("user")))
         shares = layout.category_share_names()

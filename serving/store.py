@@ -118,14 +118,18 @@ class OnlineStore:
         members = self.client.zrevrange(KeyLayout(self.prefix, version).popularity(window), 0, count - 1)
         return [member.decode() for member in members]
 
-    def user_state(self, version: str, user_id: str) -> tuple[Optional[bytes], frozenset]:
-        """Return the user's packed vector and consumed items, in one round trip."""
+    def user_state(self, version: str, user_id: str, popularity_window: Optional[str] = None,
+                   popularity_count: int = 0) -> tuple[Optional[bytes], frozenset, list]:
+        """Return the user's packed vector, consumed items and (when asked) the top popular items, in one round trip."""
         layout = KeyLayout(self.prefix, version)
         pipeline = self.client.pipeline(transaction=False)
         pipeline.get(layout.vector("user", user_id))
         pipeline.smembers(layout.consumed(user_id))
-        packed, consumed = pipeline.execute()
-        return packed, frozenset(member.decode() for member in consumed)
+        if popularity_window and popularity_count > 0:
+            pipeline.zrevrange(layout.popularity(popularity_window), 0, popularity_count - 1)
+        replies = pipeline.execute()
+        popular = [member.decode() for member in replies[2]] if len(replies) > 2 else []
+        return replies[0], frozenset(member.decode() for member in replies[1]), popular
 
     def items(self, version: str, item_ids: Sequence[str]) -> list:
         """Return the packed vectors of ``item_ids`` (None where absent), from the cache or one MGET."""

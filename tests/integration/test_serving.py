@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 import uuid
 
@@ -228,3 +229,160 @@ def test_missing_model_is_not_ready_but_answers(served):
     assert response.json["fallback_reason"] == "no_model"
     assert len(response.json["items"]) == 3
     app.extensions["streamrec"]["holder"].stop()
+
+
+class Gunicorn:
+    """The scorer under gunicorn on a free loopback port, configured through STREAMREC__* variables."""
+
+    def __init__(self, config, tmp_path, workers: int = 2, poll_seconds: float = 1.0):
+        import socket
+
+        from tests.conftest import project_env
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.env = project_env({"serving.port": self.port, "serving.workers": workers,
+                                "serving.model_poll_seconds": poll_seconds,
+                                "training.model_name": config.training.model_name,
+                                "redis.key_prefix": config.redis.key_prefix})
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+        self.log = open(tmp_path / "gunicorn.log", "w", encoding="utf-8")
+        self.process = None
+        self.sent = 0
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from reccore.config import PROJECT_ROOT
+
+        gunicorn = Path(sys.executable).with_name("gunicorn")
+        self.process = subprocess.Popen([str(gunicorn), "-c", "conf/gunicorn.conf.py", "serving.wsgi:app"],
+                                        cwd=PROJECT_ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"gunicorn exited; see {self.log.name}"
+            try:
+                if self.get("/readyz").status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the scorer was not ready within 120 s; see {self.log.name}")
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: dict | None = None, connection=None):
+        import http.client
+        import json as json_module
+
+        own = connection is None
+        connection = connection or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            payload = json_module.dumps(body) if body is not None else None
+            connection.request(method, path, body=payload, headers={"Content-Type": "application/json"} if body else {})
+            response = connection.getresponse()
+            response.data = response.read()
+            self.sent += 1
+            return response
+        finally:
+            if own:
+                connection.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+        self.log.close()
+
+
+def requests_total(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("streamrec_scorer_requests_total{"))
+
+
+def test_request_count_across_workers(served, tmp_path):
+    server = Gunicorn(served, tmp_path, workers=2)
+    server.start()
+    try:
+        for number in range(40):
+            assert server.get(f"/v1/users/{414 + number % 5}/recommendations?k=5").status == 200
+        for _ in range(20):
+            assert server.get("/healthz").status == 200
+        sent_before_scrape = server.sent
+        text = server.get("/metrics").data.decode()
+        assert requests_total(text) == sent_before_scrape
+        assert 'streamrec_scorer_requests_total{endpoint="/healthz",status="200"} 20.0' in text
+    finally:
+        server.stop()
+
+
+def test_alias_moves_under_load(served, tmp_path):
+    import http.client
+    import threading
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    registry = MlflowClient(tracking_uri=served.mlflow.tracking_uri)
+    name = served.training.model_name
+    first = registry.get_model_version_by_alias(name, "champion")
+    mlflow.set_tracking_uri(served.mlflow.tracking_uri)
+    second = mlflow.register_model(f"runs:/{first.run_id}/model", name, tags=dict(first.tags))
+    server = Gunicorn(served, tmp_path, workers=2, poll_seconds=1.0)
+    server.start()
+    results, stop = [], threading.Event()
+
+    def client_loop():
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        body = {"user_id": "414", "candidates": [str(item) for item in range(1, 21)], "k": 5}
+        next_at = time.monotonic()
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = server.request("POST", "/v1/rank", body, connection)
+                version = json.loads(response.data)["model_version"] if response.status == 200 else None
+                results.append((started, response.status, version))
+            except OSError as error:
+                results.append((started, repr(error), None))
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            next_at += 0.02  # 50 requests/s per client
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        connection.close()
+
+    clients = [threading.Thread(target=client_loop) for _ in range(4)]
+    try:
+        began = time.monotonic()
+        for thread in clients:
+            thread.start()
+        time.sleep(3)
+        moves = []
+        for version in (second.version, first.version):
+            registry.set_registered_model_alias(name, "champion", version)
+            moves.append((time.monotonic(), str(version)))
+            time.sleep(6)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+        elapsed = time.monotonic() - began
+    finally:
+        stop.set()
+        server.stop()
+        registry.set_registered_model_alias(name, "champion", first.version)
+
+    failed = [result for result in results if result[1] != 200]
+    assert not failed, failed[:5]
+    assert len(results) / elapsed >= 4 * 50 * 0.9, f"{len(results)} requests in {elapsed:.1f} s"
+    for moved_at, version in moves:
+        served_after = [started for started, _status, served_version in results
+                        if started >= moved_at and served_version == version]
+        assert served_after, f"version {version} was never served"
+        # The poll interval (1 s) plus the time to download and load the model.
+        assert served_after[0] - moved_at <= 1.0 + 3.0
+    for (moved_at, version), (next_move, _next_version) in zip(moves, moves[1:] + [(float("inf"), None)]):
+        settled = {served_version for started, _status, served_version in results
+                   if moved_at + 4.0 <= started < next_move}
+        assert settled == {version}, (version, settled)
