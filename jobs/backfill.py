@@ -94,7 +94,7 @@ def seed_redis(latest: DataFrame, config: Config, feature_set: FeatureSet, entit
 def write_popularity(spark: SparkSession, config: Config, feature_set: FeatureSet, as_of_ms: int) -> bool:
     """Replace the popularity sorted sets from the stored item tiles, as of ``as_of_ms``; return whether replaced.
 
-    Kept when Redis holds popularity as of a later event time (a backfill of an older range).
+    Kept when Redis has popularity as of a later event time (a backfill of an older range).
     """
     from jobs.lib.redis_writer import connect, replace_popularity
 

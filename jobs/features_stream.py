@@ -82,6 +82,10 @@ class StopRequested(RuntimeError):
     """Raised at the start of a micro-batch after SIGTERM/SIGINT, before it writes anything."""
 
 
+class NothingToFold(StopRequested):
+    """Raised by an available-now start when bronze has no commit after the backfill's: nothing to do."""
+
+
 class FeaturesStream:
     """The features query; ``start()`` returns the StreamingQuery handle."""
 
@@ -165,6 +169,10 @@ class FeaturesStream:
             latest = DeltaTable.forPath(self.spark, path).history(1).first()["version"]
             if latest >= version:
                 return
+            if self.trigger == "available_now":
+                # Drain-and-exit has nothing to drain: waiting would never end on an idle topic.
+                raise NothingToFold(f"bronze has no version after {latest}, the one the backfill read; "
+                                    "nothing to fold")
             if not announced:
                 log.info("waiting for bronze version %d: the backfill covered up to version %d and the ingest "
                          "job has not written since", version, latest)
@@ -327,6 +335,9 @@ class FeaturesStream:
             batches_before = len(self.results)
             try:
                 query = self.start()
+            except NothingToFold as reason:
+                log.info("features stream: %s", reason)
+                return 0
             except StopRequested:
                 return 0
             try:

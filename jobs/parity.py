@@ -69,7 +69,7 @@ def recompute(spark: SparkSession, config: Config, feature_set: FeatureSet, enti
 def compare_sets(spark: SparkSession, config: Config, feature_set: FeatureSet, report: ParityReport) -> None:
     """Compare the popularity sorted sets and the users' consumed sets with a recomputation from bronze.
 
-    Popularity is recomputed as of the event time Redis says it is as of. Consumed sets hold every
+    Popularity is recomputed as of the event time stored with it in Redis. Consumed sets hold every
     event, late ones included, so they must equal bronze exactly.
     """
     layout = KeyLayout(config.redis.key_prefix, feature_set.version)

@@ -202,7 +202,7 @@ class ServingConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_alias: str = "champion"
-    # How often each worker asks the registry whether the alias moved.
+    # How often each worker checks the registry for a move of the alias.
     model_poll_seconds: float = 10.0
     # Candidates generated when the caller gives none, before the user's consumed items are removed.
     candidates: int = 200

@@ -3,7 +3,7 @@
     create_app(config)            # gunicorn: serving.wsgi:app (see conf/gunicorn.conf.py)
 
 Endpoints: ``GET /v1/users/<user_id>/recommendations?k=10``, ``POST /v1/rank``, ``/healthz``,
-``/readyz``, ``/metrics`` and ``/openapi.json``. A response always says whether it is a fallback and
+``/readyz``, ``/metrics`` and ``/openapi.json``. Every response states whether it is a fallback and
 why: ``unknown_user`` (no features for the user: popularity), ``redis_unavailable`` (Redis down or
 slower than ``serving.redis_timeout_ms``: the popularity snapshot logged with the model),
 ``no_model`` (no model loaded yet: Redis popularity when it answers). Bad input gets a 4xx with a
@@ -42,8 +42,8 @@ class Metrics:
     """The scorer's Prometheus metrics.
 
     Under gunicorn (``PROMETHEUS_MULTIPROC_DIR`` set by conf/gunicorn.conf.py) every worker writes
-    its values to files in that folder and ``/metrics`` adds them up across workers, so a count is
-    the whole server's whatever worker answers the scrape. Without it (one process, tests) the
+    its values to files in that folder and ``/metrics`` adds them up across workers. A count is
+    the whole server's, whichever worker serves the scrape. Without it (one process, tests) the
     metrics live in a registry of the app's own.
     """
 
@@ -211,7 +211,8 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
         except (redis.RedisError, LookupError) as error:
             log.warning("request %s: Redis unavailable (%s); popularity snapshot served", request_id, error)
             return fallback(base, user_id, k, requested, "redis_unavailable", model)
-        genres = [category_codes(layout, item) for item in candidates]
+        codes = {category: code for code, category in enumerate(layout.categories)}
+        genres = [[codes[genre] for genre in store.genres.get(item, ()) if genre in codes] for item in candidates]
         now_ms = int(time.time() * 1000)
         ranking = rank(model.booster, layout, candidates, user_packed, item_packed, genres, now_ms, k,
                        exclude=frozenset() if requested else consumed)
@@ -221,10 +222,6 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
                                   for item in ranking.items],
                 "fallback": False, "fallback_reason": None, "feature_age_seconds": ranking.feature_age_s,
                 "stale": is_stale(ranking.feature_age_s, settings.max_feature_age_seconds)}
-
-    def category_codes(layout, item_id: str) -> list[int]:
-        index = {category: code for code, category in enumerate(layout.categories)}
-        return [index[genre] for genre in store.genres.get(item_id, ()) if genre in index]
 
     def generate_candidates(model: ServedModel, user_packed: bytes, consumed: frozenset, popular: list) -> list[str]:
         """Co-occurrence of the user's items, then popular items of the user's top categories, then popularity."""

@@ -207,7 +207,7 @@ def replace_popularity(client: redis.Redis, layout: KeyLayout, as_of_ms: int, co
                        ttl_seconds: int) -> bool:
     """Replace the popularity sorted sets (window -> item -> events) as of ``as_of_ms``; return whether replaced.
 
-    Kept when Redis already holds sets as of a later event time.
+    Kept when Redis already has sets as of a later event time.
     """
     keys = [layout.popularity_as_of()] + [layout.popularity(window) for window in counts]
     args: list = [as_of_ms]

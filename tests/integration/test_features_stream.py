@@ -304,6 +304,11 @@ def test_stream_started_right_after_backfill_waits_for_bronze(spark, world, kafk
     ingest(spark, config)
     run_backfill(spark, config, feature_set)
 
+    # Available-now with nothing after the backfill: it exits at once with 0, having folded nothing.
+    drain = FeaturesStream(spark, config, feature_set, 600, trigger="available_now")
+    assert drain.run_supervised(max_restarts=0) == 0
+    assert drain.results == []
+
     # Bronze has no version after the backfill's yet: the stream must wait for it, not fail.
     stream = FeaturesStream(spark, config, feature_set, 600, trigger="processing_time", trigger_interval_seconds=1)
     started = threading.Thread(target=stream.start)

@@ -70,7 +70,7 @@ def test_label_sees_only_values_from_before(spark, lake, kafka_settings):
     assert label["item_newest_ms"] is None
     assert label["rating_count_30d_item"] is None
 
-    # The late event's own row sees "before" only (it was ingested after it, and before it in time).
+    # The late event's own row gets "before" only (ingested after it, and earlier in time).
     assert rows["late"]["rating_count_24h_user"] == 1
     # "after" was ingested with the label: the recomputed row at T is not visible to it either.
     assert rows["after"]["rating_count_24h_user"] == 1
