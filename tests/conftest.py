@@ -255,3 +255,21 @@ def movielens_training_set(movielens_features, spark, tmp_path_factory):
                                                                    checkpoint_root=str(root / "checkpoints")))
     shutil.copytree(source.lake.root, config.lake.root)
     return MovieLensTrainingSet(config, build_training_set(spark, config, load_feature_set()))
+
+
+@pytest.fixture(scope="session")
+def movielens_champion(movielens_training_set, spark):
+    """A champion of the run's own, trained on the shared MovieLens training set: its config (scorer tests).
+
+    The model name is unique to the run; tests may move its alias but must leave a champion behind.
+    """
+    from jobs.train import run_training
+    from reccore.features import load_feature_set
+
+    suffix = uuid.uuid4().hex[:8]
+    config = with_overrides(movielens_training_set.config,
+                            training={"model_name": f"test-scorer-{suffix}", "experiment": f"test-scorer-{suffix}"},
+                            serving={"redis_timeout_ms": 2000.0})
+    result = run_training(spark, config, load_feature_set())
+    assert result.promoted, result.reasons
+    return config

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import json
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import redis
 
 from jobs.items import DEFAULT_MOVIES
 from jobs.replay import DEFAULT_RATINGS
-from jobs.train import run_training
 from reccore.features import load_feature_set
 from reccore.ranking import ManifestLayout, category_matrix, model_feature_names, model_rows, reorder_columns
 from reccore.store import KeyLayout, unpack
@@ -26,15 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
 
 @pytest.fixture(scope="module")
-def served(movielens_training_set, spark):
-    """A champion of this module's own, trained on the shared MovieLens training set, and its config."""
-    suffix = uuid.uuid4().hex[:8]
-    config = with_overrides(movielens_training_set.config,
-                            training={"model_name": f"test-scorer-{suffix}", "experiment": f"test-scorer-{suffix}"},
-                            serving={"redis_timeout_ms": 2000.0})
-    result = run_training(spark, config, load_feature_set())
-    assert result.promoted, result.reasons
-    return config
+def served(movielens_champion):
+    return movielens_champion
 
 
 @pytest.fixture(scope="module")
