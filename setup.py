@@ -1,7 +1,8 @@
 """Packaging for streamrec: a real-time recommendation job suite on Spark, Kafka, Delta and Redis.
 
 The distribution holds three layers. ``reccore`` has no Spark and no Flask and is shared by both
-sides. ``jobs`` is the Spark side and ``serving`` the scorer. ``devstack`` starts the local services.
+sides. ``jobs`` is the Spark side and ``serving`` the scorer. ``devstack`` starts the local services,
+and ``demo`` runs the whole loop on MovieLens (``make demo``).
 Extras keep the sides apart: ``pip install .[serving]`` never pulls pyspark.
 """
 
@@ -37,6 +38,10 @@ SERVING = [
     "redis==8.1.0",
     "hiredis==3.5.0",
     "lightgbm==4.7.0",
+    # The compiled predictor. lleaves 1.3.0 calls llvmlite.binding.PassManagerBuilder, which newer
+    # llvmlite lines no longer have (0.50.0 raises AttributeError): keep llvmlite at 0.43.x.
+    "lleaves==1.3.0",
+    "llvmlite==0.43.0",
     "mlflow==3.17.2",
     "numpy==2.4.6",
     "prometheus-client==0.26.0",
@@ -46,6 +51,8 @@ SERVING = [
 TEST = [
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
+    # The scorer's contract test (tests/integration/test_serving_schema.py) runs its CLI.
+    "schemathesis==4.32.5",
 ]
 
 setup(
@@ -54,7 +61,7 @@ setup(
     description="Real-time recommendations: Spark Structured Streaming, Kafka, Delta Lake, Redis, MLflow",
     python_requires=">=3.9",
     packages=find_packages(include=["reccore", "reccore.*", "jobs", "jobs.*", "serving", "serving.*",
-                                    "devstack", "devstack.*"]),
+                                    "devstack", "devstack.*", "demo", "demo.*"]),
     package_data={"devstack": ["templates/*"]},
     install_requires=CORE,
     extras_require={

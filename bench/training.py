@@ -11,62 +11,27 @@ name ends in ``_cold``, the protocol of jobs/train.py.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-from confluent_kafka.admin import AdminClient, NewTopic
-
-from jobs.backfill import run_backfill
-from jobs.ingest import IngestJob
-from jobs.items import DEFAULT_MOVIES, read_catalog, write_catalog
-from jobs.lib.session import build_spark
-from jobs.replay import DEFAULT_RATINGS, Publisher, movielens_events, movielens_record, publish
 from jobs.train import run_training
 from jobs.training_set import build_training_set
-from reccore.config import Config, load_config
-from reccore.features import load_feature_set
+from movielens_setup import bench_config, delete_topic, load_movielens
+from reccore.config import load_config
 
 log = logging.getLogger("bench.training")
-
-
-def with_sections(config: Config, **sections) -> Config:
-    changes = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()}
-    return dataclasses.replace(config, **changes)
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    base = load_config("local")
-    work = Path(tempfile.mkdtemp(prefix="streamrec-bench-train-"))
     suffix = uuid.uuid4().hex[:8]
-    topic = f"bench-train-{suffix}"
-    admin = AdminClient(base.kafka.client_options())
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(timeout=30)
-    config = with_sections(base, kafka={"interactions_topic": topic},
-                           lake={"root": str(work / "lake"), "checkpoint_root": str(work / "cp")},
-                           ingest={"trigger": "available_now", "metrics_port": 0},
-                           redis={"key_prefix": f"bench-{suffix}"},
-                           training={"model_name": f"bench-ranker-{suffix}", "experiment": f"bench-ranking-{suffix}"})
-
-    rows = movielens_events(DEFAULT_RATINGS, 1)
-    publisher = Publisher(config.kafka.client_options(), topic)
-    publish((movielens_record(*row) for row in rows), publisher, len(rows), speedup=0.0, progress=True)
-    if publisher.flush(300) or publisher.failed:
-        raise RuntimeError(f"replay into {topic} failed: {publisher.first_error}")
-    spark = build_spark(config, "streamrec-bench-training")
-    job = IngestJob(spark, config)
-    job.start().awaitTermination()
-    job.close()
-    feature_set = load_feature_set()
-    write_catalog(spark, config, read_catalog(DEFAULT_MOVIES))
-    run_backfill(spark, config, feature_set)
+    config = bench_config(load_config("local"), "train", suffix,
+                          training={"model_name": f"bench-ranker-{suffix}", "experiment": f"bench-ranking-{suffix}"})
+    spark, feature_set = load_movielens(config, "streamrec-bench-training")
 
     started = time.monotonic()
     built = build_training_set(spark, config, feature_set)
@@ -83,7 +48,7 @@ def main() -> int:
     lines += [f"auc_model: {metrics['model_auc']:.4f}", f"log_loss_model: {metrics['model_log_loss']:.4f}",
               f"registered: {result.registered_version is not None}"]
     sys.stdout.write("\n".join(lines) + "\n")
-    admin.delete_topics([topic])
+    delete_topic(config)
     spark.stop()
     return 0
 

@@ -32,6 +32,20 @@ def on_starting(_server):
     os.makedirs(folder, exist_ok=True)
 
 
+def post_worker_init(worker):
+    """Freeze the loaded app's objects (gc.freeze) so that full collections stop walking them.
+
+    Measured with bench/scorer.py: a full collection over the worker's 260,000 objects (imports,
+    MLflow, catalogue, model) took 90 to 600 ms, and requests caught behind one went over their time
+    budget. serving/model.py freezes again each time a new model is served.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    worker.log.info("gc.freeze: %d objects left out of garbage collection", gc.get_freeze_count())
+
+
 def child_exit(_server, worker):
     """Drop a dead worker's live gauges (its counters stay in the totals)."""
     from prometheus_client import multiprocess

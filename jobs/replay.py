@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, TextIO
 
 import orjson
 
@@ -168,13 +168,16 @@ class Publisher:
 
 
 def publish(records: Iterable[Record], publisher: Publisher, total: int, speedup: float,
-            progress: bool) -> None:
-    """Publish in order; with ``speedup`` > 0 pace by event time (speedup event seconds per second)."""
+            progress: bool, bar_file: Optional[TextIO] = None) -> None:
+    """Publish in order; with ``speedup`` > 0 pace by event time (speedup event seconds per second).
+
+    The progress bar goes to ``bar_file`` (default: standard error).
+    """
     from tqdm import tqdm
 
     first_event_ms: Optional[int] = None
     started = time.monotonic()
-    with tqdm(total=total, unit="ev", disable=not progress, mininterval=1.0, file=sys.stderr,
+    with tqdm(total=total, unit="ev", disable=not progress, mininterval=1.0, file=bar_file or sys.stderr,
               desc=f"replay -> {publisher.topic}") as bar:
         for index, record in enumerate(records):
             if speedup > 0:

@@ -18,6 +18,8 @@ JOBS = {
     "training-set": ("jobs.training_set", "Point-in-time training examples from bronze and the feature history"),
     "train": ("jobs.train", "Train, evaluate and register the LightGBM ranker; promote it when it wins"),
     "registry": ("jobs.registry", "Model aliases: show, promote a version, roll back the champion"),
+    "served-ingest": ("jobs.served_ingest", "Kafka recommendations_served -> Delta served/recommendations (streaming)"),
+    "online-metrics": ("jobs.online_metrics", "Online precision@k and recall@k of what was served, on event time"),
 }
 
 

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,10 @@ GATE_FAILED = 4
 # Neighbours per item in the co-occurrence lists logged with the model (the scorer's candidates).
 COOCCURRENCE_NEIGHBOURS = 20
 METHODS = ("model", "popularity", "cooccurrence")
+# The phases of run_training, in order, as reported to its ``progress`` callback when each one ends.
+# A run that is not registered ends after "run logged".
+TRAINING_PHASES = ("training set loaded", "booster trained", "model evaluated", "run logged", "model registered",
+                   "promotion decided")
 
 
 @dataclass
@@ -335,8 +339,12 @@ def redis_has_features(config: Config, feature_set: FeatureSet, data: Evaluation
 
 
 def run_training(spark: SparkSession, config: Config, feature_set: FeatureSet, training_set_version: Optional[int] = None,
-                 sample_fraction: float = 1.0, allow_promotion: bool = True) -> TrainResult:
-    """Train, evaluate, log to MLflow, register when it beats popularity, promote when it beats the champion."""
+                 sample_fraction: float = 1.0, allow_promotion: bool = True,
+                 progress: Optional[Callable[[str], None]] = None) -> TrainResult:
+    """Train, evaluate, log to MLflow, register when it beats popularity, promote when it beats the champion.
+
+    ``progress``, when given, is called with each name of ``TRAINING_PHASES`` as that phase ends.
+    """
     import mlflow
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import ColSpec, Schema
@@ -359,10 +367,13 @@ def run_training(spark: SparkSession, config: Config, feature_set: FeatureSet, t
              version, len(frame), (periods == "train").sum(), (periods == "validation").sum(),
              (periods == "test").sum(), len(names))
     build_s = time.monotonic() - started
+    report = progress or (lambda _phase: None)
+    report(TRAINING_PHASES[0])
 
     began = time.monotonic()
     booster, params = train_booster(config, rows, labels, periods, names, sample_fraction)
     train_s = time.monotonic() - began
+    report(TRAINING_PHASES[1])
 
     cutoff_ms = int(metadata.get("ingest_cutoff_ms") or time.time() * 1000)
     data = build_evaluation_set(spark, config, feature_set, frame, split, cutoff_ms)
@@ -376,6 +387,7 @@ def run_training(spark: SparkSession, config: Config, feature_set: FeatureSet, t
     metrics["popularity_auc"] = evaluation.auc(labels[test].tolist(), [data.popularity.get(item, 0.0) for item in test_items])
     metrics["train_s"] = train_s
     metrics["best_iteration"] = float(booster.best_iteration)
+    report(TRAINING_PHASES[2])
 
     protocol = {
         "split": {"validation_start_ms": split.validation_start_ms, "test_start_ms": split.test_start_ms,
@@ -415,6 +427,7 @@ def run_training(spark: SparkSession, config: Config, feature_set: FeatureSet, t
         if info.signature is None:
             raise RuntimeError("the logged model has no signature; the scorer could not check its inputs")
         mlflow.set_tags({"feature_set_version": feature_set.version, "training_set_version": str(version)})
+        report(TRAINING_PHASES[3])
 
         k = settings.k
         model_ndcg, popularity_ndcg = metrics[f"model_ndcg_at_{k}"], metrics[f"popularity_ndcg_at_{k}"]
@@ -433,11 +446,13 @@ def run_training(spark: SparkSession, config: Config, feature_set: FeatureSet, t
         mlflow.set_tag("registered", result.registered_version)
         log.info("registered %s version %s as challenger: warm NDCG@%d %.4f against popularity %.4f",
                  settings.model_name, result.registered_version, k, model_ndcg, popularity_ndcg)
+        report(TRAINING_PHASES[4])
 
         if allow_promotion:
             result.promoted = decide_promotion(config, feature_set, client, data, metrics, result, rows[test],
                                                labels[test])
         mlflow.set_tag("promoted", str(result.promoted).lower())
+        report(TRAINING_PHASES[5])
     log.info("training run %s finished in %.1f s (training-set load %.1f s, train %.1f s)", result.run_id,
              time.monotonic() - started, build_s, train_s)
     return result

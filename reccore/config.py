@@ -204,11 +204,20 @@ class ServingConfig:
     model_alias: str = "champion"
     # How often each worker checks the registry for a move of the alias.
     model_poll_seconds: float = 10.0
+    # Score with the model version compiled by lleaves once it is built. The native booster serves
+    # until then, and goes on serving a version whose build failed.
+    compiled_predictor: bool = True
+    # Compiled models, shared by the workers of one machine so that each version is compiled once.
+    # A relative path is under the project root.
+    compiled_cache_dir: str = ".work/compiled-models"
+    # The maximum wait, in seconds, for a version's compile, a worker's own or another worker's.
+    compile_timeout_seconds: float = 600.0
     # Candidates generated when the caller gives none, before the user's consumed items are removed.
     candidates: int = 200
     max_k: int = 100
     max_candidates: int = 1000
-    max_body_bytes: int = 65536
+    # Room for max_candidates ids of the longest length (128 characters) and the rest of the body.
+    max_body_bytes: int = 262144
     # Features older than this (by the user's newest event) are served but flagged stale.
     max_feature_age_seconds: float = 2_592_000
     # Item vectors are cached in each worker this long, up to this many items.
@@ -216,10 +225,31 @@ class ServingConfig:
     item_cache_size: int = 50_000
     # A Redis call slower than this makes the request use the fallback ranking.
     redis_timeout_ms: float = 50.0
+    # A request still fetching features after this long gets the fallback ranking (over_budget).
+    request_budget_ms: float = 100.0
+    # Publish what was served to kafka.served_topic; beyond this many messages waiting in the
+    # producer's buffer a record is dropped and counted, never waited for.
+    served_log: bool = True
+    served_log_buffer: int = 10_000
     # Name of the environment variable with comma-separated API keys; empty or unset: no keys needed.
     api_keys_env: str = "STREAMREC_API_KEYS"
     workers: int = 2
     threads: int = 4
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """What was served: its ingest to Delta and the online accuracy computed from it."""
+
+    # The served-log ingest (Kafka served_topic -> Delta served/recommendations).
+    served_trigger: str = "processing_time"
+    served_trigger_interval_seconds: float = 10.0
+    # Online precision@k and recall@k: a served list is judged against the user's positive events
+    # (training's relevance rules) in this much event time after it was served.
+    online_k: int = 10
+    online_horizon_seconds: int = 604_800
+    # Whether fallback responses (popularity) count in the online metrics.
+    online_include_fallbacks: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,6 +315,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     stack: StackConfig = field(default_factory=StackConfig)

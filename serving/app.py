@@ -6,12 +6,15 @@ Endpoints: ``GET /v1/users/<user_id>/recommendations?k=10``, ``POST /v1/rank``, 
 ``/readyz``, ``/metrics`` and ``/openapi.json``. Every response states whether it is a fallback and
 why: ``unknown_user`` (no features for the user: popularity), ``redis_unavailable`` (Redis down or
 slower than ``serving.redis_timeout_ms``: the popularity snapshot logged with the model),
+``over_budget`` (features not fetched within ``serving.request_budget_ms``: the same snapshot),
 ``no_model`` (no model loaded yet: Redis popularity when it answers). Bad input gets a 4xx with a
-JSON body naming the problem; no input reaches a 500.
+JSON body naming the problem; no input reaches a 500. What was served goes to the served log
+(``serving.served_log``), which never makes a request wait.
 """
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import logging
 import os
@@ -26,8 +29,10 @@ from werkzeug.exceptions import HTTPException
 
 from reccore.config import Config
 from reccore.features import load_feature_set
+from serving.compiled import PredictorCompiler
 from serving.model import ModelHolder, ServedModel
 from serving.openapi import openapi_document
+from serving.served_log import ServedLog, served_record
 from serving.scoring import BadRequest, check_candidates, check_id, check_k, is_stale, rank
 from serving.store import OnlineStore
 
@@ -64,6 +69,18 @@ class Metrics:
                                      "Age of the user's features when scored (wall clock minus newest event)",
                                      registry=registry,
                                      buckets=(1, 10, 60, 600, 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400))
+        # Which predictor scored each request: "native" (booster) until a worker's compiled one is ready.
+        self.predictions = Counter("streamrec_scorer_predictions_total", "Requests scored by the model, by predictor",
+                                   ["predictor"], registry=registry)
+        self.predictor_compile = Histogram(
+            "streamrec_scorer_predictor_compile_seconds",
+            "Time for a worker to get a model version's compiled predictor, by outcome (compiled, cache, failed)",
+            ["outcome"], registry=registry, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600))
+        self.served_log_sent = Counter("streamrec_scorer_served_log_sent_total",
+                                       "Served records Kafka acknowledged", registry=registry)
+        self.served_log_dropped = Counter("streamrec_scorer_served_log_dropped_total",
+                                          "Served records dropped (buffer full, Kafka error) by reason", ["reason"],
+                                          registry=registry)
 
     def exposition(self) -> bytes:
         """Return the text format of every metric (summed over workers in multiprocess mode)."""
@@ -78,16 +95,26 @@ class Metrics:
 
 def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Optional[OnlineStore] = None,
                start_polling: bool = True) -> Flask:
-    """Return the scorer app; ``holder`` and ``store`` default to ones built from ``config``."""
+    """Return the scorer app; ``holder`` and ``store`` default to ones built from ``config``.
+
+    Call it in each worker process (after the fork): it owns a Redis pool, a polling thread and,
+    with ``serving.served_log``, a Kafka producer.
+    """
     settings = config.serving
     app = Flask("streamrec-scorer")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     holder = holder or ModelHolder(config.mlflow.tracking_uri, config.training.model_name, settings.model_alias,
-                                   settings.model_poll_seconds)
+                                   settings.model_poll_seconds, PredictorCompiler.from_settings(settings))
     store = store or OnlineStore(config.redis, settings)
     metrics = Metrics()
-    app.extensions["streamrec"] = {"holder": holder, "store": store, "metrics": metrics}
+    if holder.compile_listener is None:  # a holder shared by several apps reports to the first one
+        holder.compile_listener = lambda outcome, seconds: metrics.predictor_compile.labels(outcome).observe(seconds)
+    served_log = (ServedLog(config.kafka, settings.served_log_buffer, metrics.served_log_sent,
+                            metrics.served_log_dropped) if settings.served_log else None)
+    if served_log is not None:
+        atexit.register(served_log.flush)
+    app.extensions["streamrec"] = {"holder": holder, "store": store, "metrics": metrics, "served_log": served_log}
     if start_polling:
         holder.start()
     try:
@@ -132,7 +159,10 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         message = {413: f"request body is larger than {settings.max_body_bytes} bytes",
                    404: f"no route {request.method} {request.path}; see /openapi.json"}.get(error.code, error.description)
-        return error_body(error.code or 500, codes.get(error.code, "http_error"), message)
+        response, status = error_body(error.code or 500, codes.get(error.code, "http_error"), message)
+        # Keep the headers werkzeug gives the error, such as the Allow header that RFC 9110 requires on a 405.
+        response.headers.extend([(name, value) for name, value in error.get_headers() if name.lower() != "content-type"])
+        return response, status
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
@@ -169,13 +199,13 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
 
     @app.get("/openapi.json")
     def openapi():
-        return jsonify(openapi_document(settings))
+        return jsonify(openapi_document(settings, api_keys_required=bool(api_keys)))
 
     @app.get("/v1/users/<user_id>/recommendations")
     def recommendations(user_id: str):
         check_id("user_id", user_id)
         k = check_k(request.args.get("k", "10"), settings.max_k)
-        return jsonify(respond(user_id, k, None))
+        return jsonify(publish(respond(user_id, k, None), k))
 
     @app.post("/v1/rank")
     def rank_candidates():
@@ -189,7 +219,17 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
         candidates = check_candidates(body.get("candidates"), settings.max_candidates)
         k = check_k(body.get("k", len(candidates) if len(candidates) <= settings.max_k else settings.max_k),
                     settings.max_k)
-        return jsonify(respond(user_id, k, candidates))
+        return jsonify(publish(respond(user_id, k, candidates), k))
+
+    def publish(body: dict, k: int) -> dict:
+        """Hand what was served to the served log (never waits) and return the body."""
+        if served_log is not None:
+            served_log.publish(served_record(body, holder.name, k, int(time.time() * 1000), store.clock_ms))
+        return body
+
+    def over_budget() -> bool:
+        started = request.environ.get("streamrec.started")
+        return started is not None and (time.perf_counter() - started) * 1000 > settings.request_budget_ms
 
     def respond(user_id: str, k: int, requested: Optional[list]) -> dict:
         model = holder.current
@@ -206,16 +246,20 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
             if user_packed is None:
                 return fallback(base, user_id, k, requested, "unknown_user", model, consumed)
             candidates = requested or generate_candidates(model, user_packed, consumed, popular)
-            item_packed = store.items(model.feature_set_version, candidates)
+            item_packed = store.items(model.feature_set_version, candidates) if not over_budget() else None
             layout = store.layout(model.feature_set_version)
         except (redis.RedisError, LookupError) as error:
             log.warning("request %s: Redis unavailable (%s); popularity snapshot served", request_id, error)
             return fallback(base, user_id, k, requested, "redis_unavailable", model)
+        if item_packed is None or over_budget():
+            # Slow Redis answers still arrive within redis_timeout_ms each; together they may not.
+            return fallback(base, user_id, k, requested, "over_budget", model, consumed)
         codes = {category: code for code, category in enumerate(layout.categories)}
         genres = [[codes[genre] for genre in store.genres.get(item, ()) if genre in codes] for item in candidates]
         now_ms = int(time.time() * 1000)
-        ranking = rank(model.booster, layout, candidates, user_packed, item_packed, genres, now_ms, k,
+        ranking = rank(model.predictor, layout, candidates, user_packed, item_packed, genres, now_ms, k,
                        exclude=frozenset() if requested else consumed)
+        metrics.predictions.labels(model.predictor.kind).inc()
         if ranking.feature_age_s is not None:
             metrics.feature_age.observe(ranking.feature_age_s)
         return {**base, "items": [{"item_id": item.item_id, "score": item.score, "title": store.titles.get(item.item_id)}
@@ -252,7 +296,7 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
                  model: Optional[ServedModel], consumed: frozenset = frozenset()) -> dict:
         metrics.fallbacks.labels(reason).inc()
         popular: list = []
-        if reason != "redis_unavailable":
+        if reason not in ("redis_unavailable", "over_budget"):
             version = model.feature_set_version if model is not None else default_version
             try:
                 popular = store.popularity(version, POPULARITY_WINDOW, k + len(consumed) + 100)

@@ -8,8 +8,9 @@ with a real booster and real packed values but without Flask or Redis:
    form in which training saw an entity without history;
 2. rows are built by ``reccore.ranking.model_rows``, the code training used, in the manifest's
    order, then put in the model's own feature order by name;
-3. all candidates are scored in one predict call on the native booster, and the top k are kept,
-   ties broken by item id so equal scores always come out in the same order.
+3. all candidates are scored in one predict call, and the top k are kept, ties broken by item id so
+   equal scores always come out in the same order. The predictor is the native booster or the same
+   model version compiled by lleaves (``serving.compiled``); both take the same float64 matrix.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def check_k(value, max_k: int = MAX_K) -> int:
     """Return ``value`` as k, or raise BadRequest when it is not an integer from 1 to ``max_k``."""
     try:
         k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int() of a JSON Infinity or 1e400 raises OverflowError
         raise BadRequest("k", f"k {value!r} is not an integer; use 1 to {max_k}") from None
     if isinstance(value, bool) or str(k) != str(value).strip() or not 1 <= k <= max_k:
         raise BadRequest("k", f"k {value!r} is out of range; use an integer from 1 to {max_k}")
@@ -86,21 +87,35 @@ class Ranking:
 
 
 def unpack_many(packed: Sequence[Optional[bytes]], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return the float32 values (NaN rows where a value is missing) and each newest event time (NaN if missing)."""
+    """Return the float32 values (NaN rows where a value is missing) and each newest event time (NaN if missing).
+
+    All present values are decoded by one ``np.frombuffer`` over their concatenation (the stamp's
+    three little-endian int64, then ``size`` little-endian float32); a value of the wrong length is
+    refused with the same error ``reccore.store.unpack`` gives.
+    """
     values = np.full((len(packed), size), np.nan, dtype=np.float32)
     newest = np.full(len(packed), np.nan, dtype=np.float64)
-    for row, raw in enumerate(packed):
-        if raw is None:
-            continue
-        stamp, vector = unpack(raw, size)
-        values[row] = vector
-        newest[row] = stamp.newest_event_ms
+    present = [row for row, raw in enumerate(packed) if raw is not None]
+    if not present:
+        return values, newest
+    expected = HEADER.size + 4 * size
+    for row in present:
+        if len(packed[row]) != expected:
+            unpack(packed[row], size)  # raises ValueError naming both lengths
+    record = np.dtype([("stamp", "<i8", (3,)), ("values", "<f4", (size,))])
+    decoded = np.frombuffer(b"".join(packed[row] for row in present), dtype=record)
+    values[present] = decoded["values"]
+    newest[present] = decoded["stamp"][:, 0]
     return values, newest
 
 
-def score(booster, layout, user_packed: Optional[bytes], item_packed: Sequence[Optional[bytes]],
+def score(predictor, layout, user_packed: Optional[bytes], item_packed: Sequence[Optional[bytes]],
           item_categories: Sequence[Sequence[int]], now_ms: int) -> np.ndarray:
-    """Return the model's score of every candidate, in candidate order, from one predict call."""
+    """Return the model's score of every candidate, in candidate order, from one predict call.
+
+    ``predictor`` has ``feature_name()`` and ``predict(rows)``: a LightGBM booster, or a predictor
+    of ``serving.compiled``.
+    """
     count = len(item_packed)
     user_size, item_size = len(layout.names("user")), len(layout.names("item"))
     user_values, user_newest = unpack_many([user_packed], user_size)
@@ -108,11 +123,13 @@ def score(booster, layout, user_packed: Optional[bytes], item_packed: Sequence[O
     rows = model_rows(layout, np.repeat(user_values, count, axis=0), np.repeat(user_newest, count),
                       item_values, item_newest, category_matrix(item_categories, len(layout.categories)),
                       np.full(count, float(now_ms)))
-    ordered = reorder_columns(rows, model_feature_names(layout), booster.feature_name())
-    return booster.predict(ordered)
+    ordered = reorder_columns(rows, model_feature_names(layout), predictor.feature_name())
+    # float64 represents every float32 value exactly, and lleaves reads a C-order float64 matrix
+    # without a copy.
+    return predictor.predict(np.ascontiguousarray(ordered, dtype=np.float64))
 
 
-def rank(booster, layout, candidates: Sequence[str], user_packed: Optional[bytes],
+def rank(predictor, layout, candidates: Sequence[str], user_packed: Optional[bytes],
          item_packed: Sequence[Optional[bytes]], item_categories: Sequence[Sequence[int]], now_ms: int,
          k: int, exclude: frozenset = frozenset()) -> Ranking:
     """Return the k best candidates by score (ties by item id), leaving out ``exclude``."""
@@ -120,7 +137,7 @@ def rank(booster, layout, candidates: Sequence[str], user_packed: Optional[bytes
         raise ValueError(f"{len(candidates)} candidates, {len(item_packed)} vectors and "
                          f"{len(item_categories)} category lists must match")
     keep = [index for index, item in enumerate(candidates) if item not in exclude]
-    scores = score(booster, layout, user_packed, [item_packed[index] for index in keep],
+    scores = score(predictor, layout, user_packed, [item_packed[index] for index in keep],
                    [item_categories[index] for index in keep], now_ms) if keep else np.zeros(0)
     order = sorted(range(len(keep)), key=lambda position: (-scores[position], candidates[keep[position]]))[:k]
     items = [ScoredItem(candidates[keep[position]], float(scores[position])) for position in order]

@@ -72,6 +72,8 @@ class OnlineStore:
         self.titles: dict = {}
         self.genres: dict = {}
         self._catalogue_tried = float("-inf")
+        # The stream's event-time clock as last read (popularity_as_of_ms): the served log's event time.
+        self.clock_ms: Optional[int] = None
 
     def ensure_catalogue(self, retry_s: float = 1.0) -> None:
         """Load the catalogue when it is not loaded yet, at most once every ``retry_s`` seconds."""
@@ -120,15 +122,21 @@ class OnlineStore:
 
     def user_state(self, version: str, user_id: str, popularity_window: Optional[str] = None,
                    popularity_count: int = 0) -> tuple[Optional[bytes], frozenset, list]:
-        """Return the user's packed vector, consumed items and (when asked) the top popular items, in one round trip."""
+        """Return the user's packed vector, consumed items and (when asked) the top popular items, in one round trip.
+
+        The same round trip reads the stream's event-time clock into ``clock_ms``.
+        """
         layout = KeyLayout(self.prefix, version)
         pipeline = self.client.pipeline(transaction=False)
         pipeline.get(layout.vector("user", user_id))
         pipeline.smembers(layout.consumed(user_id))
+        pipeline.get(layout.popularity_as_of())
         if popularity_window and popularity_count > 0:
             pipeline.zrevrange(layout.popularity(popularity_window), 0, popularity_count - 1)
         replies = pipeline.execute()
-        popular = [member.decode() for member in replies[2]] if len(replies) > 2 else []
+        if replies[2] is not None:
+            self.clock_ms = int(replies[2])
+        popular = [member.decode() for member in replies[3]] if len(replies) > 3 else []
         return replies[0], frozenset(member.decode() for member in replies[1]), popular
 
     def items(self, version: str, item_ids: Sequence[str]) -> list:

@@ -258,10 +258,11 @@ def movielens_training_set(movielens_features, spark, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def movielens_champion(movielens_training_set, spark):
+def movielens_champion(movielens_training_set, spark, tmp_path_factory):
     """A champion of the run's own, trained on the shared MovieLens training set: its config (scorer tests).
 
     The model name is unique to the run; tests may move its alias but must leave a champion behind.
+    Its compiled predictors go to a folder of the run's own.
     """
     from jobs.train import run_training
     from reccore.features import load_feature_set
@@ -269,7 +270,8 @@ def movielens_champion(movielens_training_set, spark):
     suffix = uuid.uuid4().hex[:8]
     config = with_overrides(movielens_training_set.config,
                             training={"model_name": f"test-scorer-{suffix}", "experiment": f"test-scorer-{suffix}"},
-                            serving={"redis_timeout_ms": 2000.0})
+                            serving={"redis_timeout_ms": 2000.0,
+                                     "compiled_cache_dir": str(tmp_path_factory.mktemp("compiled-models"))})
     result = run_training(spark, config, load_feature_set())
     assert result.promoted, result.reasons
     return config

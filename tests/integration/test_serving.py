@@ -236,7 +236,8 @@ class Gunicorn:
         self.env = project_env({"serving.port": self.port, "serving.workers": workers,
                                 "serving.model_poll_seconds": poll_seconds,
                                 "training.model_name": config.training.model_name,
-                                "redis.key_prefix": config.redis.key_prefix})
+                                "redis.key_prefix": config.redis.key_prefix,
+                                "serving.compiled_cache_dir": config.serving.compiled_cache_dir})
         self.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
         self.log = open(tmp_path / "gunicorn.log", "w", encoding="utf-8")
         self.process = None
@@ -299,13 +300,16 @@ def test_request_count_across_workers(served, tmp_path):
     server = Gunicorn(served, tmp_path, workers=2)
     server.start()
     try:
+        # Counted from a first scrape on: a readiness poll that timed out on the client's side while
+        # the workers loaded the model may still have been served and counted.
+        before = requests_total(server.get("/metrics").data.decode())
         for number in range(40):
             assert server.get(f"/v1/users/{414 + number % 5}/recommendations?k=5").status == 200
         for _ in range(20):
             assert server.get("/healthz").status == 200
-        sent_before_scrape = server.sent
         text = server.get("/metrics").data.decode()
-        assert requests_total(text) == sent_before_scrape
+        # 60 requests and the first scrape (a scrape is counted after its own answer is built).
+        assert requests_total(text) - before == 61
         assert 'streamrec_scorer_requests_total{endpoint="/healthz",status="200"} 20.0' in text
     finally:
         server.stop()
@@ -377,3 +381,49 @@ def test_alias_moves_under_load(served, tmp_path):
         settled = {served_version for started, _status, served_version in results
                    if moved_at + 4.0 <= started < next_move}
         assert settled == {version}, (version, settled)
+
+
+def app_sharing(client, config, **serving):
+    """A second app over the first one's model and Redis reads, with other serving settings."""
+    parts = client.application.extensions["streamrec"]
+    return create_app(with_overrides(config, serving=serving), holder=parts["holder"], store=parts["store"],
+                      start_polling=False).test_client()
+
+
+def test_api_keys(client, served, monkeypatch):
+    monkeypatch.setenv(served.serving.api_keys_env, "first-key, second-key")
+    keyed = app_sharing(client, served)
+    path = "/v1/users/414/recommendations?k=2"
+    missing = keyed.get(path)
+    assert missing.status_code == 401
+    assert "X-API-Key" in missing.json["error"]["message"]
+    assert keyed.get(path, headers={"X-API-Key": "first-key-but-longer"}).status_code == 401
+    assert keyed.post("/v1/rank", json={"user_id": "414", "candidates": ["1"]}).status_code == 401
+    assert keyed.get(path, headers={"X-API-Key": "second-key"}).status_code == 200
+    assert keyed.get("/healthz").status_code == 200
+    monkeypatch.delenv(served.serving.api_keys_env)
+    assert app_sharing(client, served).get(path).status_code == 200
+
+
+def test_stale_flag_follows_max_feature_age(client, served):
+    path = "/v1/users/414/recommendations?k=2"
+    body = app_sharing(client, served, max_feature_age_seconds=60.0).get(path).json
+    # MovieLens ends in 2018: the features are years old.
+    assert body["feature_age_seconds"] > 60
+    assert body["stale"] is True
+    fresh = app_sharing(client, served, max_feature_age_seconds=body["feature_age_seconds"] + 86400).get(path).json
+    assert fresh["fallback"] is False
+    assert fresh["stale"] is False
+
+
+def test_request_over_budget_gets_snapshot(client, served, movielens):
+    rated, _titles = movielens
+    slow = app_sharing(client, served, request_budget_ms=0.001)
+    body = slow.get("/v1/users/414/recommendations?k=5").json
+    assert body["fallback"] is True
+    assert body["fallback_reason"] == "over_budget"
+    snapshot = [item for item in client.application.extensions["streamrec"]["holder"].current.popularity
+                if item not in rated["414"]]
+    assert [item["item_id"] for item in body["items"]] == snapshot[:5]
+    metrics = slow.get("/metrics").data.decode()
+    assert 'streamrec_scorer_fallbacks_total{reason="over_budget"} 1.0' in metrics

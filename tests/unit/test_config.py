@@ -80,3 +80,22 @@ def test_secrets_masked_in_log(caplog):
     assert 'password="p"' not in caplog.text
     assert "'security.protocol': 'SSL'" in caplog.text
     assert "***" in caplog.text
+
+
+def test_default_body_limit_holds_the_largest_valid_rank_request():
+    import json
+
+    serving = load_config("local", environ={"STREAMREC_HOME": "/tmp/streamrec-test"}).serving
+    largest = {"user_id": "u" * 128, "candidates": [f"{number:0>128}" for number in range(serving.max_candidates)],
+               "k": serving.max_k}
+    assert len(json.dumps(largest).encode()) <= serving.max_body_bytes
+
+
+def test_compiled_predictor_settings():
+    for env in ("local", "emr"):
+        serving = load_config(env, environ={"STREAMREC_HOME": "/srv/rec"}).serving
+        assert serving.compiled_predictor is True
+        assert serving.compiled_cache_dir == "/srv/rec/compiled-models"
+        assert serving.compile_timeout_seconds == 600.0
+    environ = {"STREAMREC_HOME": "/h", "STREAMREC__SERVING__COMPILED_PREDICTOR": "false"}
+    assert load_config("local", environ=environ).serving.compiled_predictor is False

@@ -9,8 +9,8 @@ import pytest
 
 from reccore.features import load_feature_set
 from reccore.ranking import ManifestLayout, category_matrix, model_feature_names, model_rows, reorder_columns
-from reccore.store import Stamp, pack
-from serving.scoring import BadRequest, check_candidates, check_id, check_k, is_stale, rank, score
+from reccore.store import Stamp, pack, unpack
+from serving.scoring import BadRequest, check_candidates, check_id, check_k, is_stale, rank, score, unpack_many
 from tests.unit.test_ranking import synthetic_booster
 
 FEATURE_SET = load_feature_set()
@@ -126,3 +126,19 @@ def test_candidates_checked():
         check_candidates(["ok", "no way"])
     with pytest.raises(BadRequest, match="must be a list"):
         check_candidates("a,b")
+
+
+def test_unpack_many_matches_unpack_row_by_row():
+    rng = np.random.default_rng(7)
+    packed = [None if row % 5 == 0 else pack(Stamp(1_000 + row, row, 9), rng.random(12).astype(np.float32).tolist())
+              for row in range(23)]
+    values, newest = unpack_many(packed, 12)
+    for row, raw in enumerate(packed):
+        if raw is None:
+            assert np.isnan(values[row]).all() and np.isnan(newest[row])
+            continue
+        stamp, expected = unpack(raw, 12)
+        assert values[row].tolist() == np.array(expected, dtype=np.float32).tolist()
+        assert newest[row] == stamp.newest_event_ms
+    with pytest.raises(ValueError, match="expected 72 for 12 features"):
+        unpack_many([packed[1], packed[2][:-4]], 12)

@@ -48,4 +48,4 @@ def test_unknown_job_fails_in_driver():
     result = subprocess.run([str(PROJECT_ROOT / ".venv" / "bin" / "python"), str(PROJECT_ROOT / "jobs" / "run.py"),
                              "no-such-job"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "unknown job 'no-such-job'; known jobs: backfill, bronze-report, features-stream, ingest, items, parity" in result.stderr
+    assert "unknown job 'no-such-job'; known jobs: backfill, bronze-report, features-stream, ingest, items, online-metrics, parity" in result.stderr
