@@ -224,17 +224,19 @@ class FeaturesStream:
                     self._upsert_history(history, self.config.lake.table(HISTORY_TABLES[entity]), app_id, batch_id)
                     history.unpersist()
                     result.step(f"{entity}_history", step)
-                # The event-time clock: the newest on-time event seen, which the watermark trails.
-                previous = watermark + self.watermark_ms if watermark is not None else None
-                result.clock_ms = max(value for value in (previous, row["newest_on_time"]) if value is not None)
-                step = time.monotonic()
-                write_popularity(self.spark, self.config, self.feature_set, result.clock_ms)
-                result.step("popularity", step)
             if result.events:
                 # A late event was still consumed: the user's set includes it at once.
                 step = time.monotonic()
                 write_consumed(events, self.config, self.feature_set)
                 result.step("consumed", step)
+            if result.events > result.late:
+                # The event-time clock: the newest on-time event seen, which the watermark trails. It
+                # moves last, so a request that reads the new clock also reads the new consumed sets.
+                previous = watermark + self.watermark_ms if watermark is not None else None
+                result.clock_ms = max(value for value in (previous, row["newest_on_time"]) if value is not None)
+                step = time.monotonic()
+                write_popularity(self.spark, self.config, self.feature_set, result.clock_ms)
+                result.step("popularity", step)
         finally:
             events.unpersist()
         result.duration_s = time.monotonic() - started

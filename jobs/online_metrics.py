@@ -3,10 +3,10 @@
     ./spark-submit.sh online-metrics [--k 10] [--horizon-seconds 604800] [--include-fallbacks]
 
 A served list (``served/recommendations``, written by served-ingest) is judged against the user's
-positive events (training's relevance rules: a rating of 4 or more, the positive event types) whose
-event time falls after the stream's event-time clock at serving time, and at most
-``monitoring.online_horizon_seconds`` after it. The clock, not the wall clock, makes a replay of old
-history measurable the same way as live traffic. For each served list with at least one such
+positive events, by training's relevance rules: a rating of 4 or more, or a positive event type.
+An event counts when its event time is after the stream's event-time clock at serving time, and at
+most ``monitoring.online_horizon_seconds`` after it. Because the clock is event time, a replay of
+old history is measured the same way as live traffic. For each served list with at least one such
 positive:
 
     precision@k = |top k ∩ later positives| / k

@@ -3,8 +3,8 @@
     ./spark-submit.sh served-ingest [--trigger available_now]
 
 Each Kafka record is one response of the scorer (serving/served_log.py). Valid records land in
-``served/recommendations``, one row per response, partitioned by the wall-clock day it was served;
-a record that is not valid JSON or lacks a required field lands in ``served/quarantine`` with the
+``served/recommendations``, one row per response, partitioned by the wall-clock day it was served.
+A record that is not valid JSON or lacks a required field lands in ``served/quarantine`` with the
 raw bytes and the reason, so nothing is dropped unseen. Each micro-batch is written under a Delta
 transaction id made of the checkpoint's query id and the batch id, so a batch replayed after a crash
 is skipped by Delta instead of written twice; a recreated checkpoint has a new query id, so its
@@ -59,7 +59,7 @@ def parse_served(kafka_df: DataFrame) -> DataFrame:
     parsed = kafka_df.select(F.col("value").alias("raw_value"), F.col("partition").alias("kafka_partition"),
                              F.col("offset").alias("kafka_offset"),
                              F.from_json(F.col("value").cast("string"), RECORD_SCHEMA).alias("record"))
-    # from_json turns text that is not JSON into a record of nulls; json_object_keys tells them apart.
+    # from_json turns text that is not JSON into a record of nulls, so json_object_keys detects it.
     reason = F.when(F.json_object_keys(F.col("raw_value").cast("string")).isNull(),
                     F.lit("value is not a JSON object"))
     for name in REQUIRED:
@@ -135,6 +135,7 @@ class ServedIngest:
             raise RuntimeError(f"checkpoint {self.checkpoint} has no query id in its metadata file")
         app_id = f"streamrec-served-ingest-{query_id}"
         ingest_time = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
         parsed = batch_df.persist()
         try:
             counts = {row["valid"]: row["count"] for row in
@@ -152,6 +153,7 @@ class ServedIngest:
                      .save(self.quarantine_path))
         finally:
             parsed.unpersist()
+
         self.totals["batches"] += 1
         self.totals["written"] += written
         self.totals["quarantined"] += quarantined

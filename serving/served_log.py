@@ -6,8 +6,8 @@ Each response becomes one JSON record on ``kafka.served_topic`` (keyed by user):
      "model_name": "streamrec-ranker", "model_version": "3", "feature_set_version": "...",
      "fallback_reason": null, "k": 10, "served_at_ms": 1764900000000, "event_time_ms": 1537799250000}
 
-``served_at_ms`` is the wall clock; ``event_time_ms`` is the stream's event-time clock (the newest
-event time the features reflect, ``popularity_as_of_ms`` in Redis), so online accuracy can be
+``served_at_ms`` is the wall clock. ``event_time_ms`` is the stream's event-time clock: the newest
+event time the features reflect (``popularity_as_of_ms`` in Redis). With it, online accuracy can be
 measured against later events on replayed history as well as on live traffic. The served-ingest
 job (jobs/served_ingest.py) lands the records in Delta.
 
@@ -77,7 +77,7 @@ class ServedLog:
         except KafkaException as error:
             self._drop("producer_error", str(error))
             return False
-        # Serves delivery reports of earlier records; never waits.
+        # poll(0) runs the delivery callbacks of earlier records and returns at once.
         producer.poll(0)
         return True
 
@@ -90,7 +90,7 @@ class ServedLog:
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped.labels(reason).inc()
         if not self._warned:
-            # One line, not one per record: the counter has the totals.
+            # One line, not one per record, because the counter keeps the totals.
             self._warned = True
             log.warning("served log: dropping records for topic %s (%s: %s); counted in "
                         "streamrec_scorer_served_log_dropped_total", self.topic, reason, detail)
