@@ -225,6 +225,9 @@ class ServingConfig:
     item_cache_size: int = 50_000
     # A Redis call slower than this makes the request use the fallback ranking.
     redis_timeout_ms: float = 50.0
+    # "now" for the recency inputs and the feature age: "wall" (live traffic) or "event_time" (the
+    # stream's event-time clock, for a replay of history: the scale training saw).
+    clock: str = "wall"
     # A request still fetching features after this long gets the fallback ranking (over_budget).
     request_budget_ms: float = 100.0
     # Publish what was served to kafka.served_topic; beyond this many messages waiting in the

@@ -39,6 +39,7 @@ from serving.store import OnlineStore
 log = logging.getLogger("serving.app")
 
 POPULARITY_WINDOW = "7d"
+CLOCKS = ("wall", "event_time")
 AFFINITY_CATEGORIES = 2
 COOCCURRENCE_SOURCES = 50
 
@@ -101,6 +102,8 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
     with ``serving.served_log``, a Kafka producer.
     """
     settings = config.serving
+    if settings.clock not in CLOCKS:
+        raise ValueError(f"serving.clock {settings.clock!r} is invalid; use one of {CLOCKS}")
     app = Flask("streamrec-scorer")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
@@ -257,6 +260,8 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
         codes = {category: code for code, category in enumerate(layout.categories)}
         genres = [[codes[genre] for genre in store.genres.get(item, ()) if genre in codes] for item in candidates]
         now_ms = int(time.time() * 1000)
+        if settings.clock == "event_time" and store.clock_ms is not None:
+            now_ms = store.clock_ms
         ranking = rank(model.predictor, layout, candidates, user_packed, item_packed, genres, now_ms, k,
                        exclude=frozenset() if requested else consumed)
         metrics.predictions.labels(model.predictor.kind).inc()

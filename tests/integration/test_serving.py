@@ -427,3 +427,17 @@ def test_request_over_budget_gets_snapshot(client, served, movielens):
     assert [item["item_id"] for item in body["items"]] == snapshot[:5]
     metrics = slow.get("/metrics").data.decode()
     assert 'streamrec_scorer_fallbacks_total{reason="over_budget"} 1.0' in metrics
+
+
+def test_event_time_clock_as_now(client, served):
+    connection = redis.Redis(host=served.redis.host, port=served.redis.port)
+    layout = KeyLayout(served.redis.key_prefix, load_feature_set().version)
+    clock = int(connection.get(layout.popularity_as_of()))
+    newest = unpack(connection.get(layout.vector("user", "414")), len(load_feature_set().names("user")))[0].newest_event_ms
+    connection.close()
+    body = app_sharing(client, served, clock="event_time").get("/v1/users/414/recommendations?k=3").json
+    assert body["fallback"] is False
+    assert body["feature_age_seconds"] == pytest.approx((clock - newest) / 1000)
+    assert body["stale"] is ((clock - newest) / 1000 > served.serving.max_feature_age_seconds)
+    with pytest.raises(ValueError, match="serving.clock 'lunar' is invalid"):
+        create_app(with_overrides(served, serving={"clock": "lunar"}))
