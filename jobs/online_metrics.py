@@ -12,7 +12,7 @@ positive:
     precision@k = |top k ∩ later positives| / k
     recall@k    = |top k ∩ later positives| / |later positives|
 
-Lists with no later positive say nothing about accuracy and are left out (counted in the log). A user
+Lists with no later positive cannot measure accuracy, so they are left out (counted in the log). A user
 served several times counts once: their lists are averaged first, then the users. Fallback lists
 (popularity) are left out unless ``--include-fallbacks``. The result, overall and per model
 version, is appended to ``gold/online_metrics``.

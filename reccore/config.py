@@ -242,7 +242,7 @@ class ServingConfig:
 
 @dataclass(frozen=True)
 class MonitoringConfig:
-    """What was served: its ingest to Delta and the online accuracy computed from it."""
+    """Settings of the served log's ingest to Delta and of the online accuracy computed from it."""
 
     # The served-log ingest (Kafka served_topic -> Delta served/recommendations).
     served_trigger: str = "processing_time"

@@ -255,7 +255,7 @@ def create_app(config: Config, holder: Optional[ModelHolder] = None, store: Opti
             log.warning("request %s: Redis unavailable (%s); popularity snapshot served", request_id, error)
             return fallback(base, user_id, k, requested, "redis_unavailable", model)
         if item_packed is None or over_budget():
-            # Slow Redis answers still arrive within redis_timeout_ms each; together they may not.
+            # Each Redis reply arrives within redis_timeout_ms, but together they may exceed the budget.
             return fallback(base, user_id, k, requested, "over_budget", model, consumed)
         codes = {category: code for code, category in enumerate(layout.categories)}
         genres = [[codes[genre] for genre in store.genres.get(item, ()) if genre in codes] for item in candidates]

@@ -12,7 +12,7 @@ measured against later events on replayed history as well as on live traffic. Th
 job (jobs/served_ingest.py) lands the records in Delta.
 
 The producer is librdkafka's: ``produce`` only appends to a local buffer, which a background thread
-of librdkafka sends. When the buffer holds ``serving.served_log_buffer`` messages (Kafka down or
+of librdkafka sends. When the buffer contains ``serving.served_log_buffer`` messages (Kafka down or
 slow), a record is dropped and counted in ``streamrec_scorer_served_log_dropped_total{reason}``;
 records Kafka never acknowledged (after ``message.timeout.ms``) are counted there too. The request
 never waits. Create one ``ServedLog`` per worker process, after the fork.

@@ -308,7 +308,7 @@ def test_request_count_across_workers(served, tmp_path):
         for _ in range(20):
             assert server.get("/healthz").status == 200
         text = server.get("/metrics").data.decode()
-        # 60 requests and the first scrape (a scrape is counted after its own answer is built).
+        # 60 requests and the first scrape (a scrape is counted after its own response is built).
         assert requests_total(text) - before == 61
         assert 'streamrec_scorer_requests_total{endpoint="/healthz",status="200"} 20.0' in text
     finally:

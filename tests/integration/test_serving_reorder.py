@@ -63,7 +63,8 @@ def test_reordered_definitions_give_identical_scores(movielens_champion, spark, 
             second = getattr(after, method)(path, json=payload).json
             assert first["feature_set_version"] == original.version
             assert second["feature_set_version"] == reordered.version
-            assert first["fallback"] is False and second["fallback"] is False
+            assert first["fallback"] is False
+            assert second["fallback"] is False
             assert [item["item_id"] for item in second["items"]] == [item["item_id"] for item in first["items"]]
             # Only the recency features move, by the milliseconds between the two requests.
             assert [item["score"] for item in second["items"]] == pytest.approx(

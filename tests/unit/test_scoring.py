@@ -135,7 +135,8 @@ def test_unpack_many_matches_unpack_row_by_row():
     values, newest = unpack_many(packed, 12)
     for row, raw in enumerate(packed):
         if raw is None:
-            assert np.isnan(values[row]).all() and np.isnan(newest[row])
+            assert np.isnan(values[row]).all()
+            assert np.isnan(newest[row])
             continue
         stamp, expected = unpack(raw, 12)
         assert values[row].tolist() == np.array(expected, dtype=np.float32).tolist()
